@@ -1,0 +1,165 @@
+"""Multi-level feature extraction from timm backbones.
+
+EfficientNets get the 9-level scheme of Gaussian AD: stem, the output of each of
+the 7 stages and the head (conv + BN + activation). timm's ``features_only`` and
+``forward_intermediates`` expose only the 5 stride changes, so that path is
+written here by hand. Any other timm model uses ``forward_intermediates``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.efficientnet import EfficientNet
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownBackboneError(ValueError):
+    """Raised when a backbone name is not a timm model."""
+
+
+def create_backbone(name: str, pre_trained: bool, weights_path: str | Path | None) -> nn.Module:
+    """Create a timm backbone without classifier, with hub or local weights."""
+    if not timm.is_model(name.split(".")[0]):
+        matches = timm.list_models(f"*{name.split('.')[0]}*")[:8]
+        msg = f"Unknown backbone '{name}': not a timm model name. Close matches: {matches}."
+        raise UnknownBackboneError(msg)
+    use_hub = pre_trained and weights_path is None
+    model = timm.create_model(name, pretrained=use_hub, num_classes=0)
+    if weights_path is not None:
+        load_local_weights(model, weights_path)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        msg = f"Backbone weights file '{path}' does not hold a state dict."
+        raise ValueError(msg)
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_local_weights(model: nn.Module, weights_path: str | Path) -> None:
+    """Load backbone weights from a local ``.pth``/``.safetensors`` file (air-gapped machines).
+
+    Keys are matched by name first. Files from other implementations with the same
+    architecture (e.g. ``efficientnet_pytorch``, whose tensors come in timm's order
+    with other names) are matched by position, and every shape must agree.
+    """
+    path = Path(weights_path)
+    if not path.is_file():
+        msg = f"Backbone weights file not found: '{path}'."
+        raise FileNotFoundError(msg)
+    source = _read_state_dict(path)
+    target = model.state_dict()
+    if set(target).issubset(source):
+        model.load_state_dict({k: source[k] for k in target})
+        logger.info("Loaded backbone weights by name from %s", path)
+        return
+    source_items = list(source.items())
+    if len(source_items) < len(target):
+        msg = f"Backbone weights file '{path}' has {len(source_items)} tensors, the backbone needs {len(target)}."
+        raise ValueError(msg)
+    mapped = {}
+    for (target_key, target_tensor), (source_key, source_tensor) in zip(target.items(), source_items, strict=False):
+        if target_tensor.shape != source_tensor.shape:
+            msg = (
+                f"Backbone weights file '{path}' does not fit this backbone: tensor '{source_key}' has shape "
+                f"{tuple(source_tensor.shape)}, '{target_key}' needs {tuple(target_tensor.shape)}."
+            )
+            raise ValueError(msg)
+        mapped[target_key] = source_tensor
+    model.load_state_dict(mapped)
+    logger.info(
+        "Loaded backbone weights by position from %s (%d unused trailing tensors, e.g. the classifier).",
+        path,
+        len(source_items) - len(target),
+    )
+
+
+class MultiLevelFeatureExtractor(nn.Module):
+    """Return the feature maps of a timm backbone at every requested level.
+
+    Args:
+        backbone: timm model name.
+        pre_trained: Load ImageNet weights from the timm hub.
+        weights_path: Local weights file; replaces the hub download.
+        levels: Indices of the levels to return; ``None`` returns all.
+
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        pre_trained: bool = True,
+        weights_path: str | Path | None = None,
+        levels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = create_backbone(backbone, pre_trained, weights_path)
+        self.is_efficientnet = isinstance(self.model, EfficientNet)
+        self.num_levels = len(self.model.blocks) + 2 if self.is_efficientnet else len(self.model.feature_info)
+        self.all_levels = list(range(self.num_levels))
+        self.levels = self.validate_levels(levels, "levels")
+
+    def validate_levels(self, levels: Sequence[int] | None, parameter: str) -> list[int]:
+        """Check level indices against the backbone and return them sorted and unique."""
+        if levels is None:
+            return list(self.all_levels)
+        levels = list(levels)
+        if not levels:
+            msg = f"'{parameter}' must name at least one level."
+            raise ValueError(msg)
+        bad = [lvl for lvl in levels if not isinstance(lvl, int) or not 0 <= lvl < self.num_levels]
+        if bad:
+            msg = f"'{parameter}' has invalid level index(es) {bad}: this backbone has levels 0..{self.num_levels - 1}."
+            raise ValueError(msg)
+        return sorted(set(levels))
+
+    def forward(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """Feature maps ``{level: (N, C, H, W)}`` for ``levels`` (default: ``self.levels``)."""
+        wanted = self.levels if levels is None else list(levels)
+        if not self.is_efficientnet:
+            maps = self.model.forward_intermediates(images, indices=wanted, intermediates_only=True, stop_early=True)
+            return dict(zip(wanted, maps, strict=True))
+        return self._efficientnet_levels(images, wanted)
+
+    def _efficientnet_levels(self, images: torch.Tensor, wanted: list[int]) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        last = max(wanted)
+        x = self.model.bn1(self.model.conv_stem(images))
+        if 0 in wanted:
+            out[0] = x
+        for index, stage in enumerate(self.model.blocks, start=1):
+            if index > last:
+                return out
+            x = stage(x)
+            if index in wanted:
+                out[index] = x
+        head = len(self.model.blocks) + 1
+        if head in wanted:
+            out[head] = self.model.bn2(self.model.conv_head(x))
+        return out
+
+    @torch.no_grad()
+    def level_shapes(self, image_size: tuple[int, int]) -> dict[int, tuple[int, int, int]]:
+        """``{level: (channels, height, width)}`` for an input of ``image_size``, by a dry run."""
+        was_training = self.training
+        self.eval()
+        probe = torch.zeros(1, 3, *image_size, device=next(self.parameters()).device)
+        shapes = {lvl: tuple(f.shape[1:]) for lvl, f in self.forward(probe, self.all_levels).items()}
+        self.train(was_training)
+        return shapes

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny generated datasets, tiny backbones, the optional real-weights cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HF_CACHE = (REPO_ROOT.parent / "shared" / "hf-cache" / "hub").resolve()
+TINY_BACKBONE = "test_efficientnet"  # timm's 0.1M-parameter EfficientNet (random init)
+
+# huggingface_hub reads these when it is first imported (anomalib imports it during collection),
+# so they are set here, at conftest import, not inside a fixture.
+if HF_CACHE.is_dir():
+    os.environ.setdefault("HF_HUB_CACHE", str(HF_CACHE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def real_weights() -> str:
+    """Point timm at the local hub cache with real lite0 weights; skip the test without it."""
+    if not (HF_CACHE / "models--timm--tf_efficientnet_lite0.in1k").is_dir():
+        pytest.skip(f"real weights not available at {HF_CACHE}")
+    return "tf_efficientnet_lite0"
+
+
+@pytest.fixture(scope="session")
+def texture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MVTec-layout dataset (category ``brick``) of real textures with synthetic defects."""
+    from anomalib_gaussft.datasets import make_texture_dataset
+
+    root = tmp_path_factory.mktemp("textures")
+    make_texture_dataset(root, textures=("brick",), image_size=64, n_train=16, n_test_good=6, n_test_defect=6)
+    return root
+
+
+@pytest.fixture(scope="session")
+def texture_root_large(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A larger texture set for the real-weights quality checks."""
+    from anomalib_gaussft.datasets import make_texture_dataset
+
+    root = tmp_path_factory.mktemp("textures_large")
+    make_texture_dataset(
+        root, textures=("brick", "gravel"), image_size=160, n_train=40, n_test_good=16, n_test_defect=16
+    )
+    return root

@@ -1,0 +1,89 @@
+"""The stock ``anomalib`` console script and API find GaussFT and ``MVTec`` after installation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_BACKBONE
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return _run(sys.executable, "-c", code, cwd=cwd)
+
+
+def test_fresh_interpreter_resolves_short_names(tmp_path: Path) -> None:
+    result = _python(
+        "from anomalib.models import get_model, GaussFT\n"
+        "from anomalib.data import MVTec, MVTecAD, get_datamodule\n"
+        f"m = get_model('GaussFT', backbone='{TINY_BACKBONE}', pre_trained=False, image_size=32)\n"
+        "m2 = get_model({'class_path': 'GaussFT',"
+        f" 'init_args': {{'backbone': '{TINY_BACKBONE}', 'pre_trained': False}}}})\n"
+        "d = get_datamodule({'class_path': 'MVTec', 'init_args': {'root': '.', 'category': 'x'}})\n"
+        "assert type(m).__name__ == type(m2).__name__ == 'GaussFT' and isinstance(d, MVTecAD)\n"
+        "print('OK')",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+def test_hook_does_not_import_anything_in_other_processes(tmp_path: Path) -> None:
+    result = _python("import sys; print(sorted(m for m in sys.modules if 'anomalib' in m or m == 'torch'))", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['_anomalib_gaussft_hook']"
+
+
+@pytest.mark.slow
+def test_anomalib_train_then_export_on_the_console_script(texture_root: Path, tmp_path: Path) -> None:
+    common = ["--data.root", str(texture_root), "--data.category", "brick", "--data.num_workers", "0"]
+    model_args = ["--model.backbone", TINY_BACKBONE, "--model.pre_trained", "false", "--model.image_size", "64"]
+    train = _run(
+        "anomalib",
+        "train",
+        "--model",
+        "GaussFT",
+        "--data",
+        "MVTec",
+        *model_args,
+        *common,
+        "--data.train_batch_size",
+        "8",
+        "--data.eval_batch_size",
+        "8",
+        "--default_root_dir",
+        str(tmp_path / "results"),
+        "--logging.log_graph",
+        "false",
+        cwd=tmp_path,
+    )
+    assert train.returncode == 0, (train.stdout + train.stderr)[-4000:]
+    assert "image_AUROC" in train.stdout + train.stderr
+    checkpoints = sorted((tmp_path / "results").rglob("*.ckpt"))
+    assert checkpoints, "training wrote no checkpoint"
+
+    export = _run(
+        "anomalib",
+        "export",
+        "--model",
+        "anomalib_gaussft.GaussFT",
+        *model_args,
+        "--export_type",
+        "torch",
+        "--ckpt_path",
+        str(checkpoints[-1]),
+        "--default_root_dir",
+        str(tmp_path / "export"),
+        cwd=tmp_path,
+    )
+    assert export.returncode == 0, (export.stdout + export.stderr)[-4000:]
+    assert list((tmp_path / "export").rglob("model.pt"))

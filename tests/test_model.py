@@ -1,0 +1,137 @@
+"""GaussFT model: outputs, pre-processing, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_gaussft import GaussFT, ModelNotFittedError
+from anomalib_gaussft.gaussft.feature_extractor import UnknownBackboneError
+from conftest import TINY_BACKBONE
+
+
+def _fitted(size: int = 64, **kwargs) -> GaussFT:
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=size, **kwargs)
+    for _ in range(3):
+        model.model.update_statistics(torch.rand(4, 3, size, size))
+    model.model.fit()
+    return model.eval()
+
+
+@pytest.mark.parametrize("map_gaussian", ["shared", "per_position"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_forward_shapes_and_dtypes(map_gaussian: str, batch_size: int) -> None:
+    model = _fitted(map_gaussian=map_gaussian)
+    with torch.no_grad():
+        out = model.model(torch.rand(batch_size, 3, 64, 64))
+    assert out.pred_score.shape == (batch_size,)
+    assert out.anomaly_map.shape == (batch_size, 1, 64, 64)
+    assert out.pred_score.dtype == out.anomaly_map.dtype == torch.float32
+    assert torch.isfinite(out.pred_score).all()
+
+
+def test_image_score_is_sum_of_level_mahalanobis_distances() -> None:
+    model = _fitted()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.model.extract(images)
+        expected = torch.zeros(2)
+        for level, gaussian in model.model.image_gaussians.items():
+            pooled = features[int(level)].mean((2, 3))
+            centred = (pooled - gaussian.mean[0]).double()
+            cov = torch.linalg.inv(gaussian.whitening[0].double().T @ gaussian.whitening[0].double())
+            expected += torch.sqrt(torch.einsum("ni,ij,nj->n", centred, torch.linalg.inv(cov), centred)).float()
+        actual = model.model(images).pred_score
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_efficientnet_has_nine_levels_and_native_preprocessing() -> None:
+    model = GaussFT(backbone="tf_efficientnet_lite0", pre_trained=False)
+    assert model.model.levels == list(range(9))
+    resize, normalize = model.pre_processor.transform.transforms
+    assert list(resize.size) == [224, 224]
+    assert list(normalize.mean) == [0.5, 0.5, 0.5]
+    assert GaussFT(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=96).model.image_size == (96, 96)
+
+
+def test_default_backbone_is_the_papers_b4_at_380() -> None:
+    model = GaussFT(pre_trained=False)
+    assert model.hparams.backbone == "tf_efficientnet_b4"
+    assert model.model.image_size == (380, 380)
+
+
+def test_other_timm_backbones_use_their_feature_levels() -> None:
+    model = GaussFT(backbone="test_resnet", pre_trained=False, image_size=64)
+    assert model.model.levels == list(range(len(model.model.feature_extractor.model.feature_info)))
+
+
+def test_unknown_backbone_is_a_clear_error() -> None:
+    with pytest.raises(UnknownBackboneError, match="not_a_net"):
+        GaussFT(backbone="not_a_net", pre_trained=False)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"levels": [0, 42]}, "levels"), ({"map_levels": [-1]}, "map_levels")])
+def test_bad_level_index_names_the_parameter(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"map_gaussian": "pixel"}, "map_gaussian"), ({"image_size": 0}, "image_size")]
+)
+def test_bad_config_values_name_the_parameter(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        GaussFT(backbone=TINY_BACKBONE, pre_trained=False, **kwargs)
+
+
+def test_predict_before_fit_is_a_clear_error() -> None:
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64).eval()
+    with pytest.raises(ModelNotFittedError, match="not fitted"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_empty_training_set_is_a_clear_error() -> None:
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    with pytest.raises(RuntimeError, match="empty"):
+        model.model.fit()
+
+
+def test_per_position_rejects_another_input_size() -> None:
+    model = _fitted(map_gaussian="per_position")
+    with pytest.raises(ValueError, match="fitted size"):
+        model.model(torch.rand(1, 3, 96, 96))
+
+
+def test_statistics_survive_a_weights_only_checkpoint(tmp_path) -> None:
+    model = _fitted()
+    path = tmp_path / "state.pt"
+    torch.save(model.state_dict(), path)
+    restored = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    restored.eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.model(images).pred_score, model.model(images).pred_score, rtol=0, atol=0)
+
+
+def test_local_weights_file_loads_by_name_and_by_position(tmp_path) -> None:
+    source = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64).model.feature_extractor.model
+    state = source.state_dict()
+    by_name, renamed = tmp_path / "timm.pth", tmp_path / "other_impl.pth"
+    torch.save(state, by_name)
+    torch.save({f"_other.{i}": v for i, v in enumerate(state.values())} | {"_fc.weight": torch.zeros(3, 2)}, renamed)
+    for path in (by_name, renamed):
+        model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(path))
+        loaded = model.model.feature_extractor.model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_local_weights_of_another_architecture_are_rejected(tmp_path) -> None:
+    path = tmp_path / "wrong.pth"
+    torch.save({f"w{i}": torch.zeros(i + 1) for i in range(500)}, path)
+    with pytest.raises(ValueError, match=r"wrong\.pth"):
+        GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(path))
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
+        GaussFT(
+            backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(tmp_path / "missing.pth")
+        )

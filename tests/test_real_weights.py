@@ -1,0 +1,42 @@
+"""Quality checks with real ImageNet weights (tf_efficientnet_lite0 from ../shared/hf-cache; skipped without it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from sklearn.metrics import roc_auc_score
+
+from anomalib_gaussft import GaussFT
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_weights]
+
+
+def _fit_frozen(model: GaussFT, datamodule: MVTecAD) -> None:
+    model.model.eval()
+    for batch in datamodule.train_dataloader():
+        model.model.update_statistics(model.pre_processor.transform(batch.image))
+    model.model.fit()
+
+
+@pytest.mark.parametrize("category", ["brick", "gravel"])
+def test_synthetic_defects_on_real_textures_score_higher(real_weights: str, texture_root_large: Path, category: str) -> None:
+    datamodule = MVTecAD(root=texture_root_large, category=category, train_batch_size=8, eval_batch_size=8, num_workers=0)
+    datamodule.setup()
+    model = GaussFT(backbone=real_weights, pre_trained=True, image_size=160)
+    _fit_frozen(model, datamodule)
+    scores, labels, maps, masks = [], [], [], []
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            out = model.model(model.pre_processor.transform(batch.image))
+            scores.append(out.pred_score)
+            labels.append(batch.gt_label)
+            maps.append(out.anomaly_map)
+            masks.append(batch.gt_mask)
+    image_auroc = roc_auc_score(torch.cat(labels).int().numpy(), torch.cat(scores).numpy())
+    pixel_auroc = roc_auc_score(torch.cat(masks).flatten().int().numpy(), torch.cat(maps).flatten().numpy())
+    print(f"{category}: image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}")
+    assert image_auroc > 0.9
+    assert pixel_auroc > 0.9
