@@ -13,11 +13,14 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
@@ -27,9 +30,12 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from .torch_model import GaussFTModel, ImageScore, MapGaussian
+from .fine_tuning import ForgettingMonitor, freeze_batchnorm, held_out_split, set_trainable
+from .pseudo_anomalies import PSEUDO_ANOMALIES, PseudoAnomalyGenerator, validate_pseudo_anomalies
+from .torch_model import GaussFTModel, ImageScore, MapGaussian, ModelNotFittedError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,15 @@ class GaussFT(AnomalibModule):
         map_gaussian: ``"shared"`` (one Gaussian per level) or ``"per_position"`` (PaDiM-style).
         image_score: ``"gaussian_ad"`` (paper) or ``"map_max"``.
         sigma: Anomaly-map blur in pixels.
+        fine_tune_epochs: Maximum fine-tuning epochs; ``0`` gives the frozen Gaussian AD.
+        learning_rate: AdamW learning rate of the backbone.
+        weight_decay: AdamW weight decay.
+        trainable_levels: Levels whose layers are fine-tuned (``None``: all; EfficientNets only).
+        freeze_batchnorm: Keep BatchNorm running statistics fixed while fine-tuning.
+        held_out_fraction: Fraction of the normal training images held out for forgetting detection.
+        pseudo_anomalies: Augmentations that make pseudo-anomalies of held-out normals.
+        patience: Epochs without improvement of the pseudo-anomaly AUROC before stopping.
+        seed: Seed of the held-out split and of the pseudo-anomalies.
         pre_processor: Pre-processor, or ``True`` for the backbone's native size and normalisation.
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -86,12 +101,21 @@ class GaussFT(AnomalibModule):
         map_gaussian: str = "shared",
         image_score: str = "gaussian_ad",
         sigma: float = 4.0,
+        fine_tune_epochs: int = 10,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 1e-4,
+        trainable_levels: Sequence[int] | None = None,
+        freeze_batchnorm: bool = True,
+        held_out_fraction: float = 0.2,
+        pseudo_anomalies: Sequence[str] = PSEUDO_ANOMALIES,
+        patience: int = 3,
+        seed: int = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        self._validate_choices(map_gaussian, image_score)
+        self._validate_config(locals())
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -109,17 +133,49 @@ class GaussFT(AnomalibModule):
             image_score=image_score,
             sigma=sigma,
         )
-        self._epoch_finished = False
+        self.fine_tune_epochs = fine_tune_epochs
+        if self.fine_tuning:
+            self.trainable_levels = set_trainable(self.model.feature_extractor, trainable_levels)
+        else:
+            self.model.feature_extractor.requires_grad_(False)
+            self.trainable_levels = []
+        self.monitor = ForgettingMonitor(patience=patience)
+        self.pseudo_anomaly_generator = PseudoAnomalyGenerator(pseudo_anomalies, seed=seed)
+        self._epoch_done = False
+        self._final = False
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._loaders: dict[str, DataLoader] = {}
+        self._held_out_paths: set[str] = set()
+        self._epoch_loss = [0.0, 0]
+        self._limit_val_batches: int | float | None = None
 
     @staticmethod
-    def _validate_choices(map_gaussian: str, image_score: str) -> None:
+    def _validate_config(args: dict[str, Any]) -> None:
         for name, value, enum in (
-            ("map_gaussian", map_gaussian, MapGaussian),
-            ("image_score", image_score, ImageScore),
+            ("map_gaussian", args["map_gaussian"], MapGaussian),
+            ("image_score", args["image_score"], ImageScore),
         ):
             if value not in {e.value for e in enum}:
                 msg = f"{name} must be one of {[e.value for e in enum]}, got {value!r}."
                 raise ValueError(msg)
+        checks = {
+            "fine_tune_epochs": isinstance(args["fine_tune_epochs"], int) and args["fine_tune_epochs"] >= 0,
+            "learning_rate": args["learning_rate"] > 0,
+            "weight_decay": args["weight_decay"] >= 0,
+            "held_out_fraction": 0 < args["held_out_fraction"] < 1,
+            "patience": isinstance(args["patience"], int) and args["patience"] >= 1,
+            "sigma": args["sigma"] >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                msg = f"Invalid value for {name}: {args[name]!r}."
+                raise ValueError(msg)
+        validate_pseudo_anomalies(args["pseudo_anomalies"])
+
+    @property
+    def fine_tuning(self) -> bool:
+        """Whether the backbone is fine-tuned (``fine_tune_epochs > 0``)."""
+        return self.fine_tune_epochs > 0
 
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
         """Resize to the backbone's native size and normalise with its own mean/std (timm config)."""
@@ -128,22 +184,237 @@ class GaussFT(AnomalibModule):
         _, mean, std = backbone_input_config(backbone)
         return PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean=mean, std=std)]))
 
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """AdamW on the trainable backbone layers; none for the frozen Gaussian AD."""
+        if not self.fine_tuning:
+            return None
+        params = [p for p in self.model.feature_extractor.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Epoch budget of the fine-tuning (1 pass when frozen); several devices allowed."""
+        return {"max_epochs": max(1, self.fine_tune_epochs), "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """GaussFT learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+    # ---- data for the statistics and the forgetting check -----------------------------------
+    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device)
+        return self.pre_processor.transform(images) if self.pre_processor is not None else images
+
+    def _train_dataset(self) -> Any:  # noqa: ANN401 - any map-style dataset with image paths
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_data"):
+            return datamodule.train_data
+        return self.trainer.train_dataloader.dataset
+
     @staticmethod
-    def configure_optimizers() -> None:
-        """The frozen Gaussian AD needs no optimizer."""
-        return
+    def _image_paths(dataset: Any) -> list[str]:  # noqa: ANN401
+        samples = getattr(dataset, "samples", None)
+        if samples is not None and "image_path" in samples:
+            return [str(p) for p in samples["image_path"]]
+        return [str(dataset[i].image_path) for i in range(len(dataset))]
 
-    # ---- fitting -----------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        """Start a fresh accumulation of the Gaussian statistics."""
-        self._epoch_finished = False
+    def _setup_fine_tuning(self) -> None:
+        dataset = self._train_dataset()
+        paths = self._image_paths(dataset)
+        fit_idx, held_idx = held_out_split(paths, self.hparams.held_out_fraction, self.hparams.seed)
+        self._held_out_paths = {paths[i] for i in held_idx}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "train_batch_size", None) or 8
+        workers = getattr(datamodule, "num_workers", 0)
+        collate = getattr(datamodule, "external_collate_fn", None) or getattr(dataset, "collate_fn", None)
+
+        def loader(indices: list[int] | None) -> DataLoader:
+            subset = dataset if indices is None else Subset(dataset, indices)
+            return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+
+        self._loaders = {"fit": loader(fit_idx), "held_out": loader(held_idx), "all": loader(None)}
+        logger.info(
+            "Fine-tuning on %d normal images; %d held out for forgetting detection (never trained on).",
+            len(fit_idx),
+            len(held_idx),
+        )
+
+    @torch.no_grad()
+    def _refit(self, loader: DataLoader, image_only: bool) -> None:
+        self.model.eval()
         self.model.reset_statistics()
+        gaussians = list(self.model.image_gaussians.values()) if image_only else self.model.gaussians()
+        for batch in loader:
+            features = self.model.extract(self._preprocess(batch.image))
+            for lvl, gaussian in self.model.image_gaussians.items():
+                gaussian.update(self.model.pooled(features[int(lvl)]))
+            if not image_only:
+                for lvl, gaussian in self.model.map_gaussians.items():
+                    gaussian.update(self.model._map_samples(int(lvl), features[int(lvl)]))
+        for gaussian in gaussians:
+            gaussian.fit()
+            gaussian.reset()
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> None:
-        """Accumulate the Gaussian statistics of a batch of normal images."""
+    @torch.no_grad()
+    def pseudo_anomaly_auroc(self) -> dict[str, float]:
+        """AUROC of held-out normals vs their pseudo-anomalies under the current image Gaussians."""
+        from sklearn.metrics import roc_auc_score
+
+        self.model.eval()
+        normal, anomalous = [], {kind: [] for kind in self.pseudo_anomaly_generator.kinds}
+        for index, batch in enumerate(self._loaders["held_out"]):
+            normal.append(self._image_scores(batch.image))
+            for kind, images in self.pseudo_anomaly_generator(batch.image, index).items():
+                anomalous[kind].append(self._image_scores(images))
+        normal_scores = torch.cat(normal)
+        result = {}
+        for kind, scores in anomalous.items():
+            kind_scores = torch.cat(scores)
+            labels = [0] * len(normal_scores) + [1] * len(kind_scores)
+            result[kind] = float(roc_auc_score(labels, torch.cat([normal_scores, kind_scores]).cpu().numpy()))
+        all_scores = torch.cat([normal_scores, *[torch.cat(s) for s in anomalous.values()]])
+        labels = [0] * len(normal_scores) + [1] * (len(all_scores) - len(normal_scores))
+        result["all"] = float(roc_auc_score(labels, all_scores.cpu().numpy()))
+        return result
+
+    def _image_scores(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.extract(self._preprocess(images))
+        return torch.sqrt(self.model.level_scores(features).clamp_min(0)).sum(1)
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Split off the held-out normals and score the pretrained network (epoch 0 of the stopping rule)."""
+        self._final = False
+        if not self.fine_tuning:
+            return
+        self._setup_fine_tuning()
+        if self.trainer.ckpt_path is None or self.monitor.best_epoch < 0:  # a new run, not a resumed one
+            self.monitor = ForgettingMonitor(patience=self.hparams.patience)
+            self._best_weights = None
+            self._evaluate_epoch(epoch=0, loss=math.nan)
+        self.model.train()
+
+    def on_train_epoch_start(self) -> None:
+        """Reset the per-epoch state."""
+        self._epoch_done = False
+        self._epoch_loss = [0.0, 0]
+        if not self.fine_tuning:
+            self.model.reset_statistics()
+            return
+        self.model.train()  # the previous epoch's evaluation left it in eval mode
+        if self.hparams.freeze_batchnorm:
+            freeze_batchnorm(self.model)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor | None:
+        """Frozen: accumulate statistics. Fine-tuning: Mahalanobis loss of the non-held-out images."""
         del args, kwargs
-        self.model.feature_extractor.eval()
-        self.model.update_statistics(batch.image)
+        if not self.fine_tuning:
+            self.model.eval()
+            self.model.update_statistics(batch.image)
+            return None
+        keep = [str(path) not in self._held_out_paths for path in batch.image_path]
+        if not any(keep):
+            return None
+        images = batch.image[torch.tensor(keep, device=batch.image.device)]
+        if self.hparams.freeze_batchnorm:
+            freeze_batchnorm(self.model)
+        loss = self.model.mahalanobis_loss(images)
+        self._epoch_loss[0] += float(loss.detach()) * len(images)
+        self._epoch_loss[1] += len(images)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
+        """End of an epoch's data: fit / evaluate before Lightning decides whether to validate."""
+        del outputs, batch
+        if batch_idx + 1 >= self.trainer.num_training_batches:
+            self._end_of_epoch()
+
+    def on_validation_start(self) -> None:
+        """Safety net if the last training batch went unnoticed (validation needs a fitted model)."""
+        if (
+            self._trainer is not None
+            and self.trainer.state.fn == TrainerFn.FITTING
+            and not self.trainer.sanity_checking
+        ):
+            self._end_of_epoch()
+
+    def on_train_epoch_end(self) -> None:
+        """Safety net when no validation runs."""
+        self._end_of_epoch()
+
+    def _end_of_epoch(self) -> None:
+        if self._epoch_done:
+            return
+        self._epoch_done = True
+        if not self.fine_tuning:
+            self._all_reduce_statistics()
+            logger.info("Fitting the Gaussians of %d levels.", len(self.model.gaussians()))
+            self.model.fit()
+            self._final = True
+            return
+        loss = self._epoch_loss[0] / max(1, self._epoch_loss[1])
+        self._evaluate_epoch(epoch=self.current_epoch + 1, loss=loss)
+        last_epoch = self.current_epoch + 1 >= (self.trainer.max_epochs or self.fine_tune_epochs)
+        if self.monitor.should_stop or last_epoch:
+            self._finalise_fine_tuning(reason="patience exhausted" if self.monitor.should_stop else "epoch budget used")
+        else:
+            # Intermediate epochs skip the datamodule's validation: it may hold real anomalies, it must not
+            # steer fine-tuning, and the post-processor only needs the final model's outputs.
+            if self._limit_val_batches is None:
+                self._limit_val_batches = self.trainer.limit_val_batches
+            self.trainer.limit_val_batches = 0
+
+    def _evaluate_epoch(self, epoch: int, loss: float) -> None:
+        start = time.perf_counter()
+        self._refit(self._loaders["fit"], image_only=True)
+        aurocs = self.pseudo_anomaly_auroc()
+        improved = self.monitor.update(epoch, aurocs["all"], loss=loss, **{f"auroc_{k}": v for k, v in aurocs.items()})
+        if improved:
+            self._best_weights = {
+                k: v.detach().cpu().clone() for k, v in self.model.feature_extractor.state_dict().items()
+            }
+        if epoch > 0:
+            self.log_dict({"pseudo_auroc": aurocs["all"], "train_loss_epoch_mean": loss}, prog_bar=True)
+        logger.info(
+            "Epoch %d: train loss %.4f, pseudo-anomaly AUROC %.4f (%s)%s [%.1fs]",
+            epoch,
+            loss,
+            aurocs["all"],
+            ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items() if k != "all"),
+            " *best*" if improved else "",
+            time.perf_counter() - start,
+        )
+
+    def _finalise_fine_tuning(self, reason: str) -> None:
+        best = self.monitor.best_epoch
+        logger.info(
+            "Fine-tuning stops (%s): keeping epoch %d, pseudo-anomaly AUROC %.4f (epoch 0 = pretrained).",
+            reason,
+            best,
+            self.monitor.best_score,
+        )
+        if self._best_weights is not None:
+            self.model.feature_extractor.load_state_dict(self._best_weights)
+        self._refit(self._loaders["all"], image_only=False)
+        self.model.is_fitted.fill_(True)
+        self._final = True
+        self.trainer.should_stop = True
+        if self._limit_val_batches is not None:
+            self.trainer.limit_val_batches = self._limit_val_batches
+        if self.trainer.is_global_zero:
+            self._write_training_curve()
+
+    def _write_training_curve(self) -> None:
+        from .training_curve import save_training_curve
+
+        root = Path(self.trainer.default_root_dir)
+        try:
+            path = save_training_curve(self.monitor.history, self.monitor.best_epoch, root / "fine_tuning_curve.png")
+            logger.info("Training curve written to %s", path)
+        except Exception:
+            logger.exception("Could not write the training curve.")
 
     def _all_reduce_statistics(self) -> None:
         """Sum the sufficient statistics over DDP processes so every rank fits the same Gaussians."""
@@ -158,50 +429,31 @@ class GaussFT(AnomalibModule):
                 if key != "shift":
                     tensor.copy_(trainer.strategy.reduce(tensor, reduce_op="sum"))
 
-    def _finish_epoch(self) -> None:
-        if self._epoch_finished:
-            return
-        self._epoch_finished = True
-        self._all_reduce_statistics()
-        logger.info("Fitting the Gaussians of %d levels.", len(self.model.gaussians()))
-        self.model.fit()
-
-    def on_validation_start(self) -> None:
-        """Lightning validates before ``on_train_epoch_end``: fit first."""
-        if (
-            self._trainer is not None
-            and self.trainer.state.fn == TrainerFn.FITTING
-            and not self.trainer.sanity_checking
-        ):
-            self._finish_epoch()
-
-    def on_train_epoch_end(self) -> None:
-        """Fit when no validation ran."""
-        self._finish_epoch()
-
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict on validation images (the post-processor learns its normalisation from them)."""
         del args, kwargs
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """One pass over the training data; no gradient clipping; several devices allowed."""
-        return {"max_epochs": 1, "num_sanity_val_steps": 0, "gradient_clip_val": 0}
+    # ---- checkpoints (resume mid-fine-tuning) -------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the stopping rule's state and best weights so an interrupted run resumes exactly."""
+        super().on_save_checkpoint(checkpoint)
+        if self.fine_tuning:
+            checkpoint["gaussft_fine_tuning"] = {
+                "monitor": self.monitor.state_dict(),
+                "best_weights": None if self._final else self._best_weights,
+            }
 
-    @property
-    def learning_type(self) -> LearningType:
-        """GaussFT learns from normal images only."""
-        return LearningType.ONE_CLASS
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the stopping rule's state."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("gaussft_fine_tuning")
+        if state:
+            self.monitor.load_state_dict(state["monitor"])
+            self._best_weights = state["best_weights"]
 
-    def load_backbone_weights(self, path: str | Path) -> None:
-        """Replace the backbone weights with a local file (unfits the model)."""
-        from .feature_extractor import load_local_weights
-
-        load_local_weights(self.model.feature_extractor.model, path)
-        self.model.is_fitted.fill_(False)
-
+    # ---- inference guards ---------------------------------------------------------------------
     def on_predict_start(self) -> None:
         """Fail early with a clear message if predicting with an unfitted model."""
         self._require_fitted()
@@ -212,7 +464,12 @@ class GaussFT(AnomalibModule):
 
     def _require_fitted(self) -> None:
         if not bool(self.model.is_fitted):
-            from .torch_model import ModelNotFittedError
-
             msg = "GaussFT is not fitted: train it first or pass a fitted checkpoint (--ckpt_path)."
             raise ModelNotFittedError(msg)
+
+    def load_backbone_weights(self, path: str | Path) -> None:
+        """Replace the backbone weights with a local file (unfits the model)."""
+        from .feature_extractor import load_local_weights
+
+        load_local_weights(self.model.feature_extractor.model, path)
+        self.model.is_fitted.fill_(False)

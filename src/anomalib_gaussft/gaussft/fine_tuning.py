@@ -1,0 +1,117 @@
+"""Fine-tuning helpers: the held-out split, what is trainable, and the forgetting-based stopping rule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .feature_extractor import MultiLevelFeatureExtractor
+
+
+def held_out_split(image_paths: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic ``(fit_indices, held_out_indices)`` of a training set.
+
+    The split depends only on the set of paths and the seed (not on dataset order,
+    process rank or resumption), so every DDP rank and every resumed run agrees.
+    """
+    if not 0.0 < fraction < 1.0:
+        msg = f"held_out_fraction must lie in (0, 1), got {fraction}."
+        raise ValueError(msg)
+    n = len(image_paths)
+    n_held_out = max(2, round(fraction * n))
+    if n - n_held_out < 2:
+        msg = (
+            f"Fine-tuning needs at least 2 training images besides the {n_held_out} held out for forgetting "
+            f"detection; the training set has {n}. Add normal images or set fine_tune_epochs=0."
+        )
+        raise ValueError(msg)
+    order = sorted(range(n), key=lambda i: str(image_paths[i]))
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(n, generator=generator).tolist()
+    shuffled = [order[p] for p in permutation]
+    return sorted(shuffled[n_held_out:]), sorted(shuffled[:n_held_out])
+
+
+def level_modules(extractor: MultiLevelFeatureExtractor) -> dict[int, list[nn.Module]]:
+    """Backbone modules that compute each level (EfficientNets only)."""
+    model = extractor.model
+    modules: dict[int, list[nn.Module]] = {0: [model.conv_stem, model.bn1]}
+    for index, stage in enumerate(model.blocks, start=1):
+        modules[index] = [stage]
+    modules[len(model.blocks) + 1] = [model.conv_head, model.bn2]
+    return modules
+
+
+def set_trainable(extractor: MultiLevelFeatureExtractor, trainable_levels: Sequence[int] | None) -> list[int]:
+    """Enable gradients for the given levels' modules only (``None``: all). Returns the trainable levels."""
+    if trainable_levels is None:
+        extractor.requires_grad_(True)
+        return list(extractor.all_levels)
+    if not extractor.is_efficientnet:
+        msg = "trainable_levels can only be chosen for EfficientNet backbones; use None to train all layers."
+        raise ValueError(msg)
+    levels = extractor.validate_levels(trainable_levels, "trainable_levels")
+    extractor.requires_grad_(False)
+    for level, modules in level_modules(extractor).items():
+        if level in levels:
+            for module in modules:
+                module.requires_grad_(True)
+    return levels
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Keep BatchNorm layers in eval mode: batches of one class would wreck their running statistics."""
+    for child in module.modules():
+        if isinstance(child, _BatchNorm):
+            child.eval()
+
+
+@dataclass
+class ForgettingMonitor:
+    """Early stopping on the pseudo-anomaly AUROC: keep the best epoch, stop after ``patience`` worse ones.
+
+    Epoch 0 is the pretrained network, so fine-tuning can never end worse than
+    not fine-tuning by this metric.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def update(self, epoch: int, score: float, **extra: float) -> bool:
+        """Record an epoch's score; returns whether it is the new best."""
+        self.history.append({"epoch": epoch, "pseudo_auroc": score, **extra})
+        if score > self.best_score + self.min_delta:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether ``patience`` epochs in a row failed to improve."""
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        """Plain-Python state (safe for ``weights_only`` checkpoints)."""
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.best_score = float(state["best_score"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
+        self.history = [dict(h) for h in state["history"]]

@@ -1,0 +1,181 @@
+"""Fine-tuning: the loss, what is trained, the held-out split and the forgetting-based stopping rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+
+from anomalib_gaussft import GaussFT
+from anomalib_gaussft.gaussft.fine_tuning import ForgettingMonitor, held_out_split
+from conftest import TINY_BACKBONE
+
+
+def _tiny(**kwargs) -> GaussFT:
+    return GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, **kwargs)
+
+
+def _datamodule(root: Path) -> MVTecAD:
+    return MVTecAD(root=root, category="brick", train_batch_size=4, eval_batch_size=8, num_workers=0, seed=0)
+
+
+def _fit_gaussians(model: GaussFT, images: torch.Tensor) -> None:
+    model.model.eval()
+    model.model.update_statistics(images)
+    model.model.fit()
+
+
+def test_fine_tuning_steps_lower_the_mahalanobis_loss() -> None:
+    model = _tiny(fine_tune_epochs=1, learning_rate=1e-3)
+    images = torch.rand(16, 3, 64, 64)
+    _fit_gaussians(model, images)
+    optimizer = model.configure_optimizers()
+    model.model.train()
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        loss = model.model.mahalanobis_loss(images)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_gradients_reach_trainable_levels_only_and_batchnorm_stays_frozen() -> None:
+    model = _tiny(fine_tune_epochs=1, trainable_levels=[3, 4])
+    images = torch.rand(8, 3, 64, 64)
+    _fit_gaussians(model, images)
+    backbone = model.model.feature_extractor.model
+    running_before = {k: v.clone() for k, v in backbone.state_dict().items() if "running" in k}
+    model.on_train_epoch_start()  # puts the model in train mode with frozen BatchNorm
+    model.model.mahalanobis_loss(images).backward()
+    for index, stage in enumerate(backbone.blocks, start=1):
+        grads = [p.grad for p in stage.parameters()]
+        if index in (3, 4):
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), f"stage {index} got no gradient"
+        else:
+            assert all(g is None for g in grads), f"frozen stage {index} got a gradient"
+    assert backbone.conv_stem.weight.grad is None
+    running_after = {k: v for k, v in backbone.state_dict().items() if "running" in k}
+    assert all(torch.equal(running_before[k], running_after[k]) for k in running_before)
+
+
+def test_held_out_split_is_deterministic_and_order_independent() -> None:
+    paths = [f"img_{i:03d}.png" for i in range(50)]
+    fit, held = held_out_split(paths, 0.2, seed=3)
+    assert len(held) == 10
+    assert not set(fit) & set(held)
+    assert set(fit) | set(held) == set(range(50))
+    reversed_paths = paths[::-1]
+    fit_r, held_r = held_out_split(reversed_paths, 0.2, seed=3)
+    assert {reversed_paths[i] for i in held_r} == {paths[i] for i in held}
+    assert held_out_split(paths, 0.2, seed=4)[1] != held
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        held_out_split(paths, 1.0, seed=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        held_out_split(paths[:3], 0.2, seed=0)
+
+
+def test_monitor_keeps_best_and_stops_after_patience() -> None:
+    monitor = ForgettingMonitor(patience=2)
+    flags = [monitor.update(e, s) for e, s in enumerate([0.5, 0.7, 0.9, 0.6, 0.95, 0.4, 0.3])]
+    assert flags == [True, True, True, False, True, False, False]
+    assert monitor.best_epoch == 4
+    assert monitor.should_stop
+
+
+class _Scripted(GaussFT):
+    """Replays a crafted pseudo-AUROC sequence and snapshots the weights of every epoch."""
+
+    sequence = (0.50, 0.60, 0.90, 0.70, 0.65, 0.99)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.trained_paths: list[str] = []
+        self.validation_batches = 0
+
+    def pseudo_anomaly_auroc(self) -> dict[str, float]:
+        real = super().pseudo_anomaly_auroc()  # exercise the real code path too
+        assert 0.0 <= real["all"] <= 1.0
+        return {"all": self.sequence[len(self.monitor.history)]}
+
+    def _evaluate_epoch(self, epoch: int, loss: float) -> None:
+        self.snapshots[epoch] = {k: v.clone() for k, v in self.model.feature_extractor.state_dict().items()}
+        super()._evaluate_epoch(epoch, loss)
+
+    def training_step(self, batch, *args, **kwargs):
+        kept = [str(p) for p in batch.image_path if str(p) not in self._held_out_paths]
+        self.trained_paths.extend(kept)
+        return super().training_step(batch, *args, **kwargs)
+
+    def validation_step(self, batch, *args, **kwargs):
+        self.validation_batches += 1
+        return super().validation_step(batch, *args, **kwargs)
+
+
+@pytest.mark.slow
+def test_stopping_rule_restores_the_best_epoch_and_never_trains_on_held_out(texture_root: Path, tmp_path: Path) -> None:
+    seed_everything(0)
+    model = _Scripted(
+        backbone=TINY_BACKBONE, pre_trained=False, image_size=64, fine_tune_epochs=6, patience=2, learning_rate=1e-2
+    )
+    datamodule = _datamodule(texture_root)
+    engine = Engine(default_root_dir=tmp_path, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+
+    # 0.5, 0.6, 0.9 (best, epoch 2), 0.7, 0.65 -> two epochs without improvement: stop after epoch 4.
+    assert [h["epoch"] for h in model.monitor.history] == [0, 1, 2, 3, 4]
+    assert model.monitor.best_epoch == 2
+    restored = model.model.feature_extractor.state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in model.snapshots[2].items())
+    assert not all(torch.equal(restored[k], v) for k, v in model.snapshots[4].items())  # training did move it
+
+    held_out = model._held_out_paths
+    train_paths = {str(p) for p in datamodule.train_data.samples.image_path}
+    assert held_out and held_out < train_paths
+    assert not held_out & set(model.trained_paths)
+    assert set(model.trained_paths) == train_paths - held_out
+    for loader in model._loaders.values():
+        assert (
+            {str(p) for p in loader.dataset.dataset.samples.image_path} <= train_paths
+            if hasattr(loader.dataset, "dataset")
+            else {str(p) for p in loader.dataset.samples.image_path} <= train_paths
+        )
+    # The datamodule's validation split (here: the test split, with real anomalies) ran exactly once, after
+    # the final model was fixed: it cannot have influenced the stopping decision.
+    assert model.validation_batches == len(datamodule.val_dataloader())
+    assert (Path(engine.trainer.default_root_dir) / "fine_tuning_curve.png").is_file()
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_scores(texture_root: Path, tmp_path: Path) -> None:
+    scores = []
+    for run in range(2):
+        seed_everything(0)
+        model = _tiny(fine_tune_epochs=2, patience=5, learning_rate=1e-3)
+        engine = Engine(default_root_dir=tmp_path / str(run), logger=False)
+        engine.fit(model=model, datamodule=_datamodule(texture_root))
+        model.eval()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            scores.append(model.model(torch.rand(4, 3, 64, 64)).pred_score)
+    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)
+
+
+def test_invalid_fine_tuning_config_names_the_parameter() -> None:
+    for kwargs, name in [
+        ({"fine_tune_epochs": -1}, "fine_tune_epochs"),
+        ({"held_out_fraction": 1.5}, "held_out_fraction"),
+        ({"patience": 0}, "patience"),
+        ({"pseudo_anomalies": ["mixup", "rotate"]}, "pseudo_anomalies"),
+        ({"learning_rate": 0}, "learning_rate"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            _tiny(**kwargs)
+    with pytest.raises(ValueError, match="trainable_levels"):
+        GaussFT(backbone="test_resnet", pre_trained=False, image_size=64, trainable_levels=[1])
