@@ -71,7 +71,7 @@ def test_held_out_split_is_deterministic_and_order_independent() -> None:
     assert not set(fit) & set(held)
     assert set(fit) | set(held) == set(range(50))
     reversed_paths = paths[::-1]
-    fit_r, held_r = held_out_split(reversed_paths, 0.2, seed=3)
+    _, held_r = held_out_split(reversed_paths, 0.2, seed=3)
     assert {reversed_paths[i] for i in held_r} == {paths[i] for i in held}
     assert held_out_split(paths, 0.2, seed=4)[1] != held
     with pytest.raises(ValueError, match="held_out_fraction"):
@@ -137,15 +137,13 @@ def test_stopping_rule_restores_the_best_epoch_and_never_trains_on_held_out(text
 
     held_out = model._held_out_paths
     train_paths = {str(p) for p in datamodule.train_data.samples.image_path}
-    assert held_out and held_out < train_paths
+    assert held_out
+    assert held_out < train_paths
     assert not held_out & set(model.trained_paths)
     assert set(model.trained_paths) == train_paths - held_out
     for loader in model._loaders.values():
-        assert (
-            {str(p) for p in loader.dataset.dataset.samples.image_path} <= train_paths
-            if hasattr(loader.dataset, "dataset")
-            else {str(p) for p in loader.dataset.samples.image_path} <= train_paths
-        )
+        dataset = getattr(loader.dataset, "dataset", loader.dataset)  # a Subset or the whole train set
+        assert dataset is datamodule.train_data
     # The datamodule's validation split (here: the test split, with real anomalies) ran exactly once, after
     # the final model was fixed: it cannot have influenced the stopping decision.
     assert model.validation_batches == len(datamodule.val_dataloader())

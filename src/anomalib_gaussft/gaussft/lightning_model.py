@@ -33,13 +33,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from .calibration import CalibratedPostProcessor, conformal_p_values, conformal_threshold
 from .fine_tuning import ForgettingMonitor, freeze_batchnorm, held_out_split, set_trainable
+from .gaussian import StreamingGaussian
 from .pseudo_anomalies import PSEUDO_ANOMALIES, PseudoAnomalyGenerator, validate_pseudo_anomalies
 from .torch_model import GaussFTModel, ImageScore, MapGaussian, ModelNotFittedError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GaussFT"]
+
+LOSS_GAUSSIANS = ("cross_fit", "in_sample")
 
 
 def backbone_input_config(backbone: str) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
@@ -82,6 +86,11 @@ class GaussFT(AnomalibModule):
         held_out_fraction: Fraction of the normal training images held out for forgetting detection.
         pseudo_anomalies: Augmentations that make pseudo-anomalies of held-out normals.
         patience: Epochs without improvement of the pseudo-anomaly AUROC before stopping.
+        loss_gaussian: ``"cross_fit"``: each training image's loss uses Gaussians fitted on the other half
+            of the training images (out-of-sample distances); ``"in_sample"``: on all of them.
+        false_alarm_rate: Target rate of false alarms on normal images. When set, image and mask
+            thresholds are calibrated on the held-out normals (conformal p-value ≤ rate), which then
+            take no part in the final fit; when ``None``, anomalib's F1-adaptive thresholds are used.
         seed: Seed of the held-out split and of the pseudo-anomalies.
         pre_processor: Pre-processor, or ``True`` for the backbone's native size and normalisation.
         post_processor: Post-processor or flag.
@@ -109,6 +118,8 @@ class GaussFT(AnomalibModule):
         held_out_fraction: float = 0.2,
         pseudo_anomalies: Sequence[str] = PSEUDO_ANOMALIES,
         patience: int = 3,
+        loss_gaussian: str = "cross_fit",
+        false_alarm_rate: float | None = None,
         seed: int = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -148,6 +159,8 @@ class GaussFT(AnomalibModule):
         self._held_out_paths: set[str] = set()
         self._epoch_loss = [0.0, 0]
         self._limit_val_batches: int | float | None = None
+        self._fold_of: dict[str, int] = {}
+        self._fold_gaussians: list[dict[str, StreamingGaussian]] | None = None
 
     @staticmethod
     def _validate_config(args: dict[str, Any]) -> None:
@@ -171,11 +184,27 @@ class GaussFT(AnomalibModule):
                 msg = f"Invalid value for {name}: {args[name]!r}."
                 raise ValueError(msg)
         validate_pseudo_anomalies(args["pseudo_anomalies"])
+        rate = args["false_alarm_rate"]
+        if rate is not None and not 0 < rate < 1:
+            msg = f"false_alarm_rate must lie in (0, 1) or be None, got {rate!r}."
+            raise ValueError(msg)
+        if args["loss_gaussian"] not in LOSS_GAUSSIANS:
+            msg = f"loss_gaussian must be one of {list(LOSS_GAUSSIANS)}, got {args['loss_gaussian']!r}."
+            raise ValueError(msg)
 
     @property
     def fine_tuning(self) -> bool:
         """Whether the backbone is fine-tuned (``fine_tune_epochs > 0``)."""
         return self.fine_tune_epochs > 0
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether thresholds are calibrated on held-out normals (``false_alarm_rate`` set)."""
+        return self.hparams.get("false_alarm_rate") is not None
+
+    def configure_post_processor(self) -> CalibratedPostProcessor:
+        """Anomalib's post-processor; with ``false_alarm_rate`` its thresholds come from the calibration."""
+        return CalibratedPostProcessor()
 
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
         """Resize to the backbone's native size and normalise with its own mean/std (timm config)."""
@@ -224,6 +253,13 @@ class GaussFT(AnomalibModule):
         paths = self._image_paths(dataset)
         fit_idx, held_idx = held_out_split(paths, self.hparams.held_out_fraction, self.hparams.seed)
         self._held_out_paths = {paths[i] for i in held_idx}
+        # Two folds for the cross-fitted loss: alternate over the fit images in path order.
+        self._fold_of = {path: rank % 2 for rank, path in enumerate(sorted(paths[i] for i in fit_idx))}
+        if self.fine_tuning and self.hparams.loss_gaussian == "cross_fit":
+            self._fold_gaussians = [
+                {k: StreamingGaussian(1, g.dim).to(self.device) for k, g in self.model.image_gaussians.items()}
+                for _ in range(2)
+            ]
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "train_batch_size", None) or 8
         workers = getattr(datamodule, "num_workers", 0)
@@ -286,9 +322,11 @@ class GaussFT(AnomalibModule):
     def on_fit_start(self) -> None:
         """Split off the held-out normals and score the pretrained network (epoch 0 of the stopping rule)."""
         self._final = False
-        if not self.fine_tuning:
+        if not (self.fine_tuning or self.calibrating):
             return
         self._setup_fine_tuning()
+        if not self.fine_tuning:
+            return
         if self.trainer.ckpt_path is None or self.monitor.best_epoch < 0:  # a new run, not a resumed one
             self.monitor = ForgettingMonitor(patience=self.hparams.patience)
             self._best_weights = None
@@ -311,7 +349,9 @@ class GaussFT(AnomalibModule):
         del args, kwargs
         if not self.fine_tuning:
             self.model.eval()
-            self.model.update_statistics(batch.image)
+            keep = [str(path) not in self._held_out_paths for path in batch.image_path]
+            if any(keep):
+                self.model.update_statistics(batch.image[torch.tensor(keep, device=batch.image.device)])
             return None
         keep = [str(path) not in self._held_out_paths for path in batch.image_path]
         if not any(keep):
@@ -319,7 +359,10 @@ class GaussFT(AnomalibModule):
         images = batch.image[torch.tensor(keep, device=batch.image.device)]
         if self.hparams.freeze_batchnorm:
             freeze_batchnorm(self.model)
-        loss = self.model.mahalanobis_loss(images)
+        folds = torch.tensor(
+            [self._fold_of[str(p)] for p, k in zip(batch.image_path, keep, strict=True) if k], device=self.device
+        )
+        loss = self.model.mahalanobis_loss(images, self._fold_gaussians, folds)
         self._epoch_loss[0] += float(loss.detach()) * len(images)
         self._epoch_loss[1] += len(images)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
@@ -352,6 +395,8 @@ class GaussFT(AnomalibModule):
             self._all_reduce_statistics()
             logger.info("Fitting the Gaussians of %d levels.", len(self.model.gaussians()))
             self.model.fit()
+            if self.calibrating:
+                self._calibrate()
             self._final = True
             return
         loss = self._epoch_loss[0] / max(1, self._epoch_loss[1])
@@ -397,14 +442,59 @@ class GaussFT(AnomalibModule):
         )
         if self._best_weights is not None:
             self.model.feature_extractor.load_state_dict(self._best_weights)
-        self._refit(self._loaders["all"], image_only=False)
+        # With calibration the held-out normals must stay out of the final fit (split conformal).
+        self._refit(self._loaders["fit" if self.calibrating else "all"], image_only=False)
         self.model.is_fitted.fill_(True)
+        if self.calibrating:
+            self._calibrate()
         self._final = True
         self.trainer.should_stop = True
         if self._limit_val_batches is not None:
             self.trainer.limit_val_batches = self._limit_val_batches
         if self.trainer.is_global_zero:
             self._write_training_curve()
+
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """Score the held-out normals with the final model and fix the conformal thresholds."""
+        self.model.eval()
+        scores, map_max, map_min = [], [], []
+        for batch in self._loaders["held_out"]:
+            out = self.model(self._preprocess(batch.image))
+            scores.append(out.pred_score)
+            map_max.append(out.anomaly_map.amax(dim=(-3, -2, -1)))
+            map_min.append(out.anomaly_map.amin(dim=(-3, -2, -1)))
+        scores_t, map_max_t = torch.cat(scores), torch.cat(map_max)
+        rate = self.hparams.false_alarm_rate
+        image_threshold = conformal_threshold(scores_t, rate)
+        pixel_threshold = conformal_threshold(map_max_t, rate)
+        self.model.calibration_scores = scores_t.detach().clone()
+        self.model.calibration_map_max = map_max_t.detach().clone()
+        if isinstance(self.post_processor, CalibratedPostProcessor):
+            self.post_processor.set_calibration(
+                image_threshold,
+                (scores_t.min(), scores_t.max()),
+                pixel_threshold,
+                (torch.cat(map_min).min(), map_max_t.max()),
+            )
+        logger.info(
+            "Calibrated on %d held-out normal images for a false-alarm rate of %g: image threshold %.4f, "
+            "mask threshold %.4f (a normal image gets a non-empty mask with probability ≤ %g).",
+            len(scores_t),
+            rate,
+            float(image_threshold),
+            float(pixel_threshold),
+            rate,
+        )
+
+    def p_values(self, images: torch.Tensor) -> torch.Tensor:
+        """Conformal p-values of pre-processed images (small = anomalous); needs ``false_alarm_rate`` at fit."""
+        if self.model.calibration_scores.numel() == 0:
+            msg = "No calibration: fit GaussFT with false_alarm_rate set to get p-values."
+            raise ModelNotFittedError(msg)
+        with torch.no_grad():
+            scores = self.model(images).pred_score
+        return conformal_p_values(scores, self.model.calibration_scores)
 
     def _write_training_curve(self) -> None:
         from .training_curve import save_training_curve

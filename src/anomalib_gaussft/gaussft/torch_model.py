@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
+from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
@@ -40,7 +41,7 @@ def default_map_levels(extractor: MultiLevelFeatureExtractor) -> list[int]:
     return [lvl for lvl in (1, 2, 3) if lvl < extractor.num_levels]
 
 
-class GaussFTModel(nn.Module):
+class GaussFTModel(DynamicBufferMixin):
     """Gaussian AD on multi-level features of a (fine-tunable) timm backbone.
 
     Args:
@@ -93,6 +94,9 @@ class GaussFTModel(nn.Module):
         )
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
         self.register_buffer("is_fitted", torch.tensor(False))
+        # Scores of held-out normal images for the conformal thresholds (empty unless calibrated).
+        self.register_buffer("calibration_scores", torch.empty(0))
+        self.register_buffer("calibration_map_max", torch.empty(0))
 
     @property
     def all_levels(self) -> list[int]:
@@ -167,12 +171,29 @@ class GaussFTModel(nn.Module):
             maps.append(torch.sqrt(squared.clamp_min(0) / c).reshape(n, 1, h, w))
         return maps
 
-    def mahalanobis_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Fine-tuning objective: mean over images, sum over levels of ``d² / C`` (≈1 per level when fitted)."""
+    def mahalanobis_loss(
+        self,
+        images: torch.Tensor,
+        fold_gaussians: Sequence[dict[str, StreamingGaussian]] | None = None,
+        folds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fine-tuning objective: mean over images, sum over levels of ``d² / C`` (≈1 per level when fitted).
+
+        With ``fold_gaussians`` (one ``{level: Gaussian}`` per fold) and ``folds`` (each image's fold),
+        image ``i`` is scored against the Gaussians of the *other* fold (cross-fitting): an
+        out-of-sample distance, not the in-sample one of a Gaussian fitted on the image itself.
+        """
         features = self.extract(images)
-        losses = [
-            g.squared_mahalanobis(self.pooled(features[int(k)])).mean() / g.dim for k, g in self.image_gaussians.items()
-        ]
+        losses = []
+        for level, gaussian in self.image_gaussians.items():
+            pooled = self.pooled(features[int(level)])
+            if fold_gaussians is None or folds is None:
+                squared = gaussian.squared_mahalanobis(pooled)[:, 0]
+            else:
+                per_fold = torch.stack([g[level].squared_mahalanobis(pooled)[:, 0] for g in fold_gaussians], 1)
+                other = (folds + 1) % len(fold_gaussians)
+                squared = per_fold.gather(1, other[:, None])[:, 0]
+            losses.append(squared.mean() / gaussian.dim)
         return torch.stack(losses).sum()
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:

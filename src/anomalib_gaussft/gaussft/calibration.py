@@ -1,0 +1,88 @@
+"""Normal-only thresholds with a controlled false-alarm rate (split conformal prediction).
+
+With ``n`` held-out normal images that took no part in the fit, the conformal p-value of a new
+score ``s`` is ``(1 + #{calibration scores ≥ s}) / (n + 1)``. For exchangeable normal images,
+flagging ``p ≤ α`` raises a false alarm with probability at most ``α``. The decision is a plain
+threshold on the score, so anomalib's post-processor (and an exported model) applies it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from anomalib.post_processing import PostProcessor
+from lightning.pytorch import LightningModule, Trainer
+
+
+def smallest_achievable_rate(n_calibration: int) -> float:
+    """The smallest false-alarm rate ``n`` calibration images can certify: ``1 / (n + 1)``."""
+    return 1.0 / (n_calibration + 1)
+
+
+def conformal_threshold(calibration_scores: torch.Tensor, false_alarm_rate: float) -> torch.Tensor:
+    """Score threshold ``t`` such that ``score > t`` ⟺ conformal p-value ``≤ false_alarm_rate``."""
+    n = calibration_scores.numel()
+    if n < 1:
+        msg = "No calibration scores: hold out normal images (held_out_fraction) to calibrate thresholds."
+        raise ValueError(msg)
+    smallest = smallest_achievable_rate(n)
+    if false_alarm_rate < smallest:
+        msg = (
+            f"false_alarm_rate={false_alarm_rate} cannot be honoured with {n} held-out calibration images: the "
+            f"smallest achievable rate is 1/(n+1) = {smallest:.4f}. Add normal training images, raise "
+            f"held_out_fraction, or raise false_alarm_rate."
+        )
+        raise ValueError(msg)
+    allowed_at_or_above = math.floor(false_alarm_rate * (n + 1) + 1e-9) - 1  # p ≤ α ⟺ #{cal ≥ s} ≤ this
+    ordered = torch.sort(calibration_scores.flatten()).values
+    return ordered[n - 1 - allowed_at_or_above].clone()
+
+
+def conformal_p_values(scores: torch.Tensor, calibration_scores: torch.Tensor) -> torch.Tensor:
+    """``(1 + #{calibration ≥ s}) / (n + 1)`` for every score."""
+    n = calibration_scores.numel()
+    at_or_above = (calibration_scores.flatten()[None, :] >= scores.flatten()[:, None]).sum(1)
+    return ((1 + at_or_above).to(torch.float64) / (n + 1)).reshape(scores.shape)
+
+
+class CalibratedPostProcessor(PostProcessor):
+    """anomalib's post-processor, with thresholds and normalisation fixed by a normal-only calibration.
+
+    Until :meth:`set_calibration` is called it behaves exactly like :class:`PostProcessor`
+    (F1-adaptive thresholds learnt from the validation split). Afterwards the validation split no
+    longer changes the thresholds, so a datamodule without anomalous images works too.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("is_calibrated", torch.tensor(False))
+
+    def set_calibration(
+        self,
+        image_threshold: torch.Tensor,
+        image_range: tuple[torch.Tensor, torch.Tensor],
+        pixel_threshold: torch.Tensor,
+        pixel_range: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Fix raw thresholds and min/max normalisation ranges."""
+        self._image_threshold.copy_(image_threshold)
+        self._pixel_threshold.copy_(pixel_threshold)
+        self.image_min.copy_(image_range[0])
+        self.image_max.copy_(image_range[1])
+        self.pixel_min.copy_(pixel_range[0])
+        self.pixel_max.copy_(pixel_range[1])
+        self.is_calibrated.fill_(True)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Learn from validation only while uncalibrated."""
+        if bool(self.is_calibrated):
+            for metric in (
+                self._image_threshold_metric,
+                self._pixel_threshold_metric,
+                self._image_min_max_metric,
+                self._pixel_min_max_metric,
+            ):
+                metric.reset()
+            return
+        super().on_validation_epoch_end(trainer, pl_module)
