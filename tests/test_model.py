@@ -135,3 +135,13 @@ def test_local_weights_of_another_architecture_are_rejected(tmp_path) -> None:
         GaussFT(
             backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(tmp_path / "missing.pth")
         )
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path) -> None:
+    model = _fitted()
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    other = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, map_gaussian="per_position")
+    with pytest.raises(ValueError, match="map_gaussian: checkpoint 'shared' vs model 'per_position'"):
+        other.on_load_checkpoint(checkpoint)
+    same = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    same.on_load_checkpoint(checkpoint)  # no error

@@ -44,6 +44,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["GaussFT"]
 
 LOSS_GAUSSIANS = ("cross_fit", "in_sample")
+# Hyperparameters that change the shape or meaning of the fitted statistics.
+ARCHITECTURE_KEYS = ("backbone", "image_size", "levels", "map_levels", "map_gaussian", "image_score")
+
+
+def _normalise(value: Any) -> Any:  # noqa: ANN401
+    """Compare list/tuple hyperparameters by value (checkpoints store tuples as lists)."""
+    return [_normalise(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def backbone_input_config(backbone: str) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
@@ -536,7 +543,18 @@ class GaussFT(AnomalibModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the stopping rule's state."""
+        """Refuse checkpoints of another architecture; restore the stopping rule's state."""
+        saved = checkpoint.get("hyper_parameters", {})
+        different = {
+            key: (saved[key], self.hparams.get(key))
+            for key in ARCHITECTURE_KEYS
+            if key in saved and _normalise(saved[key]) != _normalise(self.hparams.get(key))
+        }
+        if different:
+            details = ", ".join(f"{k}: checkpoint {v[0]!r} vs model {v[1]!r}" for k, v in different.items())
+            msg = f"This GaussFT checkpoint was made with another configuration ({details}). Build the model with "
+            msg += "the checkpoint's settings, or use GaussFT.load_from_checkpoint(path)."
+            raise ValueError(msg)
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("gaussft_fine_tuning")
         if state:
