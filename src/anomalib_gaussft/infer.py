@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import csv
 import os
+import pickle
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "Prediction", "find_images", "load_inferencer", "main", "render_overlay"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Prediction",
+    "find_images",
+    "load_inferencer",
+    "main",
+    "predict",
+    "render_overlay",
+    "static_input_size",
+]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 OPENVINO_SUFFIXES = frozenset({".xml", ".onnx"})
@@ -140,7 +150,11 @@ def load_inferencer(
 
         torch_device = _TORCH_DEVICES.get(device.upper(), device.lower())
         with _trusted_pickle():
-            return TorchInferencer(path=model_path, device=torch_device)
+            try:
+                return TorchInferencer(path=model_path, device=torch_device)
+            except (KeyError, ValueError, RuntimeError, AttributeError, ImportError, pickle.UnpicklingError) as error:
+                msg = f"Could not load the torch export '{model_path}': {type(error).__name__}: {error}"
+                raise ModelLoadError(msg) from error
     msg = (
         f"Unsupported model file '{model_path}': expected an OpenVINO .xml, an .onnx or a torch .pt export "
         "(anomalib export --export_type openvino|onnx|torch)."
@@ -186,8 +200,21 @@ def _as_2d(array: np.ndarray | None) -> np.ndarray | None:
     return array
 
 
-def predict(inferencer: _Inferencer, image: Image.Image) -> Prediction:
-    """Run one RGB image through the inferencer."""
+def static_input_size(inferencer: _Inferencer) -> tuple[int, int] | None:
+    """``(height, width)`` of an OpenVINO model exported with a fixed ``input_size``, else ``None``."""
+    blob = getattr(inferencer, "input_blob", None)
+    if blob is None:
+        return None
+    shape = blob.partial_shape
+    if shape.rank.is_dynamic or len(shape) != 4 or not (shape[2].is_static and shape[3].is_static):
+        return None
+    return shape[2].get_length(), shape[3].get_length()
+
+
+def predict(inferencer: _Inferencer, image: Image.Image, input_size: tuple[int, int] | None = None) -> Prediction:
+    """Run one RGB image through the inferencer, resized first if the model has a fixed ``input_size``."""
+    if input_size is not None and image.size != (input_size[1], input_size[0]):
+        image = image.resize((input_size[1], input_size[0]), Image.Resampling.BILINEAR)
     tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
     with torch.inference_mode():
         result = inferencer.predict(tensor)
@@ -271,6 +298,7 @@ def run(
         raise FileNotFoundError(msg)
     output.mkdir(parents=True, exist_ok=True)
     inferencer = load_inferencer(model, device, precision, trust_remote_code, cache_dir=output)
+    input_size = static_input_size(inferencer)
     heatmap_dir = output / "heatmaps"
     heatmap_dir.mkdir(exist_ok=True)
 
@@ -286,7 +314,7 @@ def run(
                 _report(f"ERROR: {error}")
                 continue
             try:
-                prediction = predict(inferencer, image)
+                prediction = predict(inferencer, image, input_size)
             except (RuntimeError, ValueError) as error:
                 failed += 1
                 _report(f"ERROR: scoring '{image_path}' failed: {error}")

@@ -405,6 +405,7 @@ class GaussFT(AnomalibModule):
             if self.calibrating:
                 self._calibrate()
             self._final = True
+            self._release_training_state()
             return
         loss = self._epoch_loss[0] / max(1, self._epoch_loss[1])
         self._evaluate_epoch(epoch=self.current_epoch + 1, loss=loss)
@@ -451,15 +452,22 @@ class GaussFT(AnomalibModule):
             self.model.feature_extractor.load_state_dict(self._best_weights)
         # With calibration the held-out normals must stay out of the final fit (split conformal).
         self._refit(self._loaders["fit" if self.calibrating else "all"], image_only=False)
-        self.model.is_fitted.fill_(True)
+        self.model.set_fitted(True)
         if self.calibrating:
             self._calibrate()
         self._final = True
+        self._release_training_state()
         self.trainer.should_stop = True
         if self._limit_val_batches is not None:
             self.trainer.limit_val_batches = self._limit_val_batches
         if self.trainer.is_global_zero:
             self._write_training_curve()
+
+    def _release_training_state(self) -> None:
+        """Drop loaders, weight copies and fold Gaussians: a torch export pickles the whole module."""
+        self._loaders = {}
+        self._best_weights = None
+        self._fold_gaussians = None
 
     @torch.no_grad()
     def _calibrate(self) -> None:
@@ -570,6 +578,21 @@ class GaussFT(AnomalibModule):
         """Fail early with a clear message if testing an unfitted model."""
         self._require_fitted()
 
+    def to_torch(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """Refuse to export an unfitted model (anomalib pickles the module without running it)."""
+        self._require_fitted()
+        return super().to_torch(*args, **kwargs)
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """Refuse to export an unfitted model."""
+        self._require_fitted()
+        return super().to_onnx(*args, **kwargs)
+
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """Refuse to export an unfitted model."""
+        self._require_fitted()
+        return super().to_openvino(*args, **kwargs)
+
     def _require_fitted(self) -> None:
         if not bool(self.model.is_fitted):
             msg = "GaussFT is not fitted: train it first or pass a fitted checkpoint (--ckpt_path)."
@@ -580,4 +603,4 @@ class GaussFT(AnomalibModule):
         from .feature_extractor import load_local_weights
 
         load_local_weights(self.model.feature_extractor.model, path)
-        self.model.is_fitted.fill_(False)
+        self.model.set_fitted(False)

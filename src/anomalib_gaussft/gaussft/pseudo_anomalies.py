@@ -21,14 +21,16 @@ from torchvision.transforms import v2
 PSEUDO_ANOMALIES = ("mixup", "cutmix", "cutout", "augmix")
 
 
-def _pairwise(transform: v2.Transform) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    labels = torch.zeros(2, dtype=torch.long)
+class _Pairwise:
+    """Apply a batch-level torchvision transform (MixUp/CutMix) to one image and its partner (picklable)."""
 
-    def apply(image: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-        mixed, _ = transform(torch.stack([image, partner]), labels)
+    def __init__(self, transform: v2.Transform) -> None:
+        self.transform = transform
+        self.labels = torch.zeros(2, dtype=torch.long)
+
+    def __call__(self, image: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+        mixed, _ = self.transform(torch.stack([image, partner]), self.labels)
         return mixed[0]
-
-    return apply
 
 
 def _cutout(image: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
@@ -46,8 +48,8 @@ def _augmix(image: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
 def _builders() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     return {
         # α < 1 puts λ mostly near 0 or 1; α = 1 gives uniform mixing weights.
-        "mixup": _pairwise(v2.MixUp(alpha=1.0, num_classes=2)),
-        "cutmix": _pairwise(v2.CutMix(alpha=1.0, num_classes=2)),
+        "mixup": _Pairwise(v2.MixUp(alpha=1.0, num_classes=2)),
+        "cutmix": _Pairwise(v2.CutMix(alpha=1.0, num_classes=2)),
         "cutout": _cutout,
         "augmix": _augmix,
     }

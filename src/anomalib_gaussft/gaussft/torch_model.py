@@ -94,9 +94,22 @@ class GaussFTModel(DynamicBufferMixin):
         )
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
         self.register_buffer("is_fitted", torch.tensor(False))
+        # Plain-bool mirror of ``is_fitted``: torch.export traces with fake buffers whose value is unknown.
+        self._fitted = False
+        self.register_load_state_dict_post_hook(GaussFTModel._sync_fitted)
         # Scores of held-out normal images for the conformal thresholds (empty unless calibrated).
         self.register_buffer("calibration_scores", torch.empty(0))
         self.register_buffer("calibration_map_max", torch.empty(0))
+
+    @staticmethod
+    def _sync_fitted(module: GaussFTModel, incompatible_keys: object) -> None:
+        del incompatible_keys
+        module._fitted = bool(module.is_fitted)
+
+    def set_fitted(self, fitted: bool) -> None:
+        """Mark the Gaussians as fitted or not (buffer for checkpoints, bool for export-time checks)."""
+        self.is_fitted.fill_(fitted)
+        self._fitted = fitted
 
     @property
     def all_levels(self) -> list[int]:
@@ -153,7 +166,7 @@ class GaussFTModel(DynamicBufferMixin):
         for gaussian in self.gaussians():
             gaussian.fit()
             gaussian.reset()
-        self.is_fitted.fill_(True)
+        self.set_fitted(True)
 
     def level_scores(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Squared Mahalanobis distance of the pooled features, ``(N, len(levels))``."""
@@ -198,7 +211,8 @@ class GaussFTModel(DynamicBufferMixin):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score images: ``pred_score`` ``(N,)`` and ``anomaly_map`` ``(N, 1, H, W)``."""
-        if not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export() and not bool(self.is_fitted):
+        tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+        if not (getattr(self, "_fitted", False) if tracing else bool(self.is_fitted)):
             msg = "GaussFT is not fitted: train it (engine.fit / anomalib train) or load a fitted checkpoint first."
             raise ModelNotFittedError(msg)
         features = self.extract(images)
