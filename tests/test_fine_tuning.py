@@ -45,6 +45,38 @@ def test_fine_tuning_steps_lower_the_mahalanobis_loss() -> None:
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_cross_fitted_loss_scores_each_image_against_the_other_fold() -> None:
+    from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
+
+    model = _tiny(fine_tune_epochs=1).eval()
+    images = torch.rand(12, 3, 64, 64)
+    folds = torch.tensor([0, 1] * 6)
+    with torch.no_grad():
+        features = model.model.extract(images)
+        fold_gaussians = []
+        for index in range(2):
+            fitted = {}
+            for level, gaussian in model.model.image_gaussians.items():
+                fold_gaussian = StreamingGaussian(1, gaussian.dim)
+                fold_gaussian.update(model.model.pooled(features[int(level)])[folds == index])
+                fold_gaussian.fit()
+                fitted[level] = fold_gaussian
+            fold_gaussians.append(fitted)
+        expected = 0.0
+        for level, gaussian in model.model.image_gaussians.items():
+            pooled = model.model.pooled(features[int(level)])
+            other = torch.stack(
+                [
+                    fold_gaussians[1 - int(f)][level].squared_mahalanobis(pooled[i : i + 1])[0, 0]
+                    for i, f in enumerate(folds)
+                ]
+            )
+            expected += other.mean() / gaussian.dim
+        actual = model.model.mahalanobis_loss(images, fold_gaussians, folds)
+    assert actual.item() > 0
+    torch.testing.assert_close(actual, torch.as_tensor(expected), rtol=1e-4, atol=1e-4)
+
+
 def test_gradients_reach_trainable_levels_only_and_batchnorm_stays_frozen() -> None:
     model = _tiny(fine_tune_epochs=1, trainable_levels=[3, 4])
     images = torch.rand(8, 3, 64, 64)
@@ -130,6 +162,7 @@ def test_stopping_rule_restores_the_best_epoch_and_never_trains_on_held_out(text
 
     # 0.5, 0.6, 0.9 (best, epoch 2), 0.7, 0.65 -> two epochs without improvement: stop after epoch 4.
     assert [h["epoch"] for h in model.monitor.history] == [0, 1, 2, 3, 4]
+    assert all(h["loss"] > 0 for h in model.monitor.history[1:]), "the loss must not be degenerate"
     assert model.monitor.best_epoch == 2
     restored = model.model.feature_extractor.state_dict()
     assert all(torch.equal(restored[k], v) for k, v in model.snapshots[2].items())

@@ -285,17 +285,27 @@ class GaussFT(AnomalibModule):
 
     @torch.no_grad()
     def _refit(self, loader: DataLoader, image_only: bool) -> None:
+        """Re-estimate the Gaussians from the current network (and, while fine-tuning, the fold Gaussians)."""
         self.model.eval()
         self.model.reset_statistics()
         gaussians = list(self.model.image_gaussians.values()) if image_only else self.model.gaussians()
+        folds = (self._fold_gaussians or []) if image_only else []
+        for fold_gaussians in folds:
+            for gaussian in fold_gaussians.values():
+                gaussian.reset()
         for batch in loader:
             features = self.model.extract(self._preprocess(batch.image))
+            fold = torch.tensor([self._fold_of.get(str(p), -1) for p in batch.image_path], device=self.device)
             for lvl, gaussian in self.model.image_gaussians.items():
-                gaussian.update(self.model.pooled(features[int(lvl)]))
+                pooled = self.model.pooled(features[int(lvl)])
+                gaussian.update(pooled)
+                for index, fold_gaussians in enumerate(folds):
+                    if (fold == index).any():
+                        fold_gaussians[lvl].update(pooled[fold == index])
             if not image_only:
                 for lvl, gaussian in self.model.map_gaussians.items():
                     gaussian.update(self.model._map_samples(int(lvl), features[int(lvl)]))
-        for gaussian in gaussians:
+        for gaussian in gaussians + [g for fold_gaussians in folds for g in fold_gaussians.values()]:
             gaussian.fit()
             gaussian.reset()
 
