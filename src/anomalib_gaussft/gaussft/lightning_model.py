@@ -278,9 +278,15 @@ class GaussFT(AnomalibModule):
 
         self._loaders = {"fit": loader(fit_idx), "held_out": loader(held_idx), "all": loader(None)}
         logger.info(
-            "Fine-tuning on %d normal images; %d held out for forgetting detection (never trained on).",
+            "%s on %d normal images; %d held out for %s (never trained on).",
+            "Fine-tuning" if self.fine_tuning else "Fitting",
             len(fit_idx),
             len(held_idx),
+            " and ".join(
+                purpose
+                for purpose, used in (("forgetting detection", self.fine_tuning), ("calibration", self.calibrating))
+                if used
+            ),
         )
 
     @torch.no_grad()
