@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from anomalib_gaussft import GaussFT
 from anomalib_gaussft.gaussft.fine_tuning import ForgettingMonitor, held_out_split
@@ -210,3 +212,46 @@ def test_invalid_fine_tuning_config_names_the_parameter() -> None:
             _tiny(**kwargs)
     with pytest.raises(ValueError, match="trainable_levels"):
         GaussFT(backbone="test_resnet", pre_trained=False, image_size=64, trainable_levels=[1])
+
+
+class _Interrupt(Callback):
+    """Stop the run after a given epoch, as a crash after that epoch's checkpoint would."""
+
+    def __init__(self, after_epoch: int) -> None:
+        self.after_epoch = after_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.after_epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_interrupted_fine_tuning_resumes_to_the_same_scores(texture_root: Path, tmp_path: Path) -> None:
+    def make() -> GaussFT:
+        return _tiny(fine_tune_epochs=3, patience=5, learning_rate=1e-3)
+
+    def scores(model: GaussFT) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            return model.model(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))).pred_score
+
+    seed_everything(0)
+    uninterrupted = make()
+    Engine(default_root_dir=tmp_path / "a", logger=False).fit(model=uninterrupted, datamodule=_datamodule(texture_root))
+
+    seed_everything(0)
+    # mode="max" only gives it a state key distinct from the ModelCheckpoint that anomalib adds.
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, mode="max")
+    interrupted = make()
+    engine = Engine(default_root_dir=tmp_path / "b", logger=False, callbacks=[checkpoints, _Interrupt(after_epoch=1)])
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        engine.fit(model=interrupted, datamodule=_datamodule(texture_root))
+    assert not bool(interrupted.model.is_fitted) or interrupted.monitor.history[-1]["epoch"] < 3
+
+    seed_everything(123)  # a different global state: the resumed run must not depend on it
+    resumed = make()
+    Engine(default_root_dir=tmp_path / "c", logger=False).fit(
+        model=resumed, datamodule=_datamodule(texture_root), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert [h["epoch"] for h in resumed.monitor.history] == [h["epoch"] for h in uninterrupted.monitor.history]
+    torch.testing.assert_close(scores(resumed), scores(uninterrupted), rtol=1e-5, atol=1e-5)

@@ -354,6 +354,8 @@ class GaussFT(AnomalibModule):
             self.monitor = ForgettingMonitor(patience=self.hparams.patience)
             self._best_weights = None
             self._evaluate_epoch(epoch=0, loss=math.nan)
+        else:  # resumed: rebuild the loss's Gaussians from the restored weights, as the interrupted run had
+            self._refit(self._loaders["fit"], image_only=True)
         self.model.train()
 
     def on_train_epoch_start(self) -> None:
@@ -363,6 +365,9 @@ class GaussFT(AnomalibModule):
         if not self.fine_tuning:
             self.model.reset_statistics()
             return
+        # The training loader's shuffle draws from the global RNG when its iterator is created, right after
+        # this hook: seeding it per epoch makes a resumed run see the same batches as an uninterrupted one.
+        torch.manual_seed(self.hparams.seed * 100_003 + self.current_epoch)
         self.model.train()  # the previous epoch's evaluation left it in eval mode
         if self.hparams.freeze_batchnorm:
             freeze_batchnorm(self.model)
