@@ -79,3 +79,45 @@ def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_pat
         p_values = model.p_values(images)
     assert torch.equal(labels.cpu(), (p_values <= 0.25).cpu())
     assert torch.equal(labels.cpu(), (raw > model.post_processor._image_threshold).cpu())
+
+
+@pytest.mark.slow
+def test_openvino_export_keeps_the_calibrated_labels(texture_root: Path, tmp_path: Path) -> None:
+    import openvino as ov
+    from anomalib.deploy import ExportType
+
+    datamodule = Folder(
+        name="normal_only",
+        root=texture_root / "brick",
+        normal_dir="train/good",
+        train_batch_size=8,
+        eval_batch_size=8,
+        num_workers=0,
+        seed=0,
+    )
+    model = GaussFT(
+        backbone=TINY_BACKBONE,
+        pre_trained=False,
+        image_size=64,
+        fine_tune_epochs=0,
+        false_alarm_rate=0.25,
+        held_out_fraction=0.3,
+    )
+    engine = Engine(default_root_dir=tmp_path, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    xml = engine.export(model, ExportType.OPENVINO, export_root=tmp_path, onnx_kwargs={"opset_version": 18})
+    images = torch.cat(
+        [
+            torch.stack([item.image for item in datamodule.test_data]),
+            torch.rand(4, 3, 64, 64),  # off-distribution inputs: should be flagged
+        ]
+    )
+    model.eval()
+    with torch.no_grad():
+        torch_labels = model(images).pred_label
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    outputs = compiled(images.numpy())
+    names = [output.get_any_name() for output in compiled.outputs]
+    ov_labels = torch.as_tensor(outputs[compiled.outputs[names.index("pred_label")]]).reshape(-1).bool()
+    assert torch.equal(ov_labels, torch_labels.reshape(-1).bool())
+    assert torch_labels.any()
