@@ -118,7 +118,7 @@ class GaussFT(AnomalibModule):
         image_score: str = "gaussian_ad",
         sigma: float = 4.0,
         fine_tune_epochs: int = 10,
-        learning_rate: float = 1e-4,
+        learning_rate: float = 3e-4,
         weight_decay: float = 1e-4,
         trainable_levels: Sequence[int] | None = None,
         freeze_batchnorm: bool = True,
