@@ -26,7 +26,7 @@ CKPT=$(ls -t $(find "$OUT" -name "*.ckpt") | head -1)
 
 echo "== 3/4 export to OpenVINO ($CKPT)"
 anomalib export --model GaussFT --model.backbone tf_efficientnet_lite0 --model.pre_trained false \
-  --export_type openvino --ckpt_path "$CKPT" --default_root_dir "$OUT/export"
+  --export_type openvino --onnx_kwargs '{"opset_version": 18}' --ckpt_path "$CKPT" --default_root_dir "$OUT/export"
 XML=$(find "$OUT/export" -name "model.xml" | head -1)
 
 echo "== 4/4 OpenVINO inference on the test images -> $OUT/inference"

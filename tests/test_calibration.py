@@ -38,9 +38,8 @@ def test_unachievable_rate_names_the_smallest_achievable_one() -> None:
         conformal_threshold(torch.randn(10), 0.05)
 
 
-@pytest.mark.slow
-def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_path: Path) -> None:
-    # Only a folder of good images: Folder's defaults carve its test/val splits out of them.
+def _fit_normal_only(texture_root: Path, tmp_path: Path) -> tuple[GaussFT, Engine, Folder]:
+    """Fit a calibrated GaussFT on a folder of good images only (Folder's defaults carve test/val from them)."""
     datamodule = Folder(
         name="normal_only",
         root=texture_root / "brick",
@@ -60,6 +59,12 @@ def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_pat
     )
     engine = Engine(default_root_dir=tmp_path, logger=False)
     engine.fit(model=model, datamodule=datamodule)
+    return model, engine, datamodule
+
+
+@pytest.mark.slow
+def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_path: Path) -> None:
+    model, engine, datamodule = _fit_normal_only(texture_root, tmp_path)
     n_train = len(datamodule.train_data)
     n_calibration = model.model.calibration_scores.numel()
     assert n_calibration == round(0.3 * n_train)
@@ -86,25 +91,7 @@ def test_openvino_export_keeps_the_calibrated_labels(texture_root: Path, tmp_pat
     import openvino as ov
     from anomalib.deploy import ExportType
 
-    datamodule = Folder(
-        name="normal_only",
-        root=texture_root / "brick",
-        normal_dir="train/good",
-        train_batch_size=8,
-        eval_batch_size=8,
-        num_workers=0,
-        seed=0,
-    )
-    model = GaussFT(
-        backbone=TINY_BACKBONE,
-        pre_trained=False,
-        image_size=64,
-        fine_tune_epochs=0,
-        false_alarm_rate=0.25,
-        held_out_fraction=0.3,
-    )
-    engine = Engine(default_root_dir=tmp_path, logger=False)
-    engine.fit(model=model, datamodule=datamodule)
+    model, engine, datamodule = _fit_normal_only(texture_root, tmp_path)
     xml = engine.export(model, ExportType.OPENVINO, export_root=tmp_path, onnx_kwargs={"opset_version": 18})
     images = torch.cat(
         [
