@@ -26,7 +26,7 @@ def test_engine_fit_test_predict(texture_root: Path, tmp_path: Path) -> None:
     assert model.model.image_gaussians["0"].num_samples.item() == 16  # every training image, once
 
     results = engine.test(model=model, datamodule=_datamodule(texture_root))
-    assert {"image_AUROC", "pixel_AUROC"} <= set(results[0])
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"} <= set(results[0])
     assert 0.0 <= results[0]["image_AUROC"] <= 1.0
 
     predictions = engine.predict(model=model, datamodule=_datamodule(texture_root))

@@ -23,7 +23,7 @@ import timm
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
@@ -208,6 +208,18 @@ class GaussFT(AnomalibModule):
     def calibrating(self) -> bool:
         """Whether thresholds are calibrated on held-out normals (``false_alarm_rate`` set)."""
         return self.hparams.get("false_alarm_rate") is not None
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Anomalib's default test metrics plus pixel AUPRO (per-region overlap) for the heatmaps."""
+        test_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ]
+        return Evaluator(test_metrics=test_metrics)
 
     def configure_post_processor(self) -> CalibratedPostProcessor:
         """Anomalib's post-processor; with ``false_alarm_rate`` its thresholds come from the calibration."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -14,6 +15,8 @@ from torch import nn
 from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
 from .gaussian import StreamingGaussian
+
+logger = logging.getLogger(__name__)
 
 
 class MapGaussian(str, Enum):
@@ -167,6 +170,15 @@ class GaussFTModel(DynamicBufferMixin):
             gaussian.fit()
             gaussian.reset()
         self.set_fitted(True)
+        n_images = min(int(g.num_samples) for g in self.image_gaussians.values())
+        widest = max(g.dim for g in self.image_gaussians.values())
+        if n_images < widest:
+            logger.warning(
+                "Fitted on %d images while the widest level has %d features: its covariance rests on Ledoit-Wolf "
+                "shrinkage. Scores stay finite, but more normal images (or fewer/narrower levels) help.",
+                n_images,
+                widest,
+            )
 
     def level_scores(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Squared Mahalanobis distance of the pooled features, ``(N, len(levels))``."""
