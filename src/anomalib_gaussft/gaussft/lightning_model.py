@@ -306,24 +306,21 @@ class GaussFT(AnomalibModule):
         """Re-estimate the Gaussians from the current network (and, while fine-tuning, the fold Gaussians)."""
         self.model.eval()
         self.model.reset_statistics()
-        gaussians = list(self.model.image_gaussians.values()) if image_only else self.model.gaussians()
         folds = (self._fold_gaussians or []) if image_only else []
         for fold_gaussians in folds:
             for gaussian in fold_gaussians.values():
                 gaussian.reset()
         for batch in loader:
-            features = self.model.extract(self._preprocess(batch.image))
+            features = self.model.update_statistics(self._preprocess(batch.image), image_only=image_only)
+            if not folds:
+                continue
             fold = torch.tensor([self._fold_of.get(str(p), -1) for p in batch.image_path], device=self.device)
-            for lvl, gaussian in self.model.image_gaussians.items():
-                pooled = self.model.pooled(features[int(lvl)])
-                gaussian.update(pooled)
-                for index, fold_gaussians in enumerate(folds):
-                    if (fold == index).any():
-                        fold_gaussians[lvl].update(pooled[fold == index])
-            if not image_only:
-                for lvl, gaussian in self.model.map_gaussians.items():
-                    gaussian.update(self.model._map_samples(int(lvl), features[int(lvl)]))
-        for gaussian in gaussians + [g for fold_gaussians in folds for g in fold_gaussians.values()]:
+            for index, fold_gaussians in enumerate(folds):
+                if (fold == index).any():
+                    for lvl, gaussian in fold_gaussians.items():
+                        gaussian.update(self.model.pooled(features[int(lvl)])[fold == index])
+        self.model.fit(image_only=image_only)
+        for gaussian in (g for fold_gaussians in folds for g in fold_gaussians.values()):
             gaussian.fit()
             gaussian.reset()
 
@@ -350,8 +347,7 @@ class GaussFT(AnomalibModule):
         return result
 
     def _image_scores(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.extract(self._preprocess(images))
-        return torch.sqrt(self.model.level_scores(features).clamp_min(0)).sum(1)
+        return self.model.pooled_image_score(self.model.extract(self._preprocess(images)))
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -387,16 +383,14 @@ class GaussFT(AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor | None:
         """Frozen: accumulate statistics. Fine-tuning: Mahalanobis loss of the non-held-out images."""
         del args, kwargs
-        if not self.fine_tuning:
-            self.model.eval()
-            keep = [str(path) not in self._held_out_paths for path in batch.image_path]
-            if any(keep):
-                self.model.update_statistics(batch.image[torch.tensor(keep, device=batch.image.device)])
-            return None
         keep = [str(path) not in self._held_out_paths for path in batch.image_path]
         if not any(keep):
             return None
         images = batch.image[torch.tensor(keep, device=batch.image.device)]
+        if not self.fine_tuning:
+            self.model.eval()
+            self.model.update_statistics(images)
+            return None
         if self.hparams.freeze_batchnorm:
             freeze_batchnorm(self.model)
         folds = torch.tensor(
@@ -484,8 +478,7 @@ class GaussFT(AnomalibModule):
         if self._best_weights is not None:
             self.model.feature_extractor.load_state_dict(self._best_weights)
         # With calibration the held-out normals must stay out of the final fit (split conformal).
-        self._refit(self._loaders["fit" if self.calibrating else "all"], image_only=False)
-        self.model.set_fitted(True)
+        self._refit(self._loaders["fit" if self.calibrating else "all"], image_only=False)  # marks it fitted
         if self.calibrating:
             self._calibrate()
         self._final = True

@@ -150,13 +150,15 @@ class GaussFTModel(DynamicBufferMixin):
         return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
 
     @torch.no_grad()
-    def update_statistics(self, images: torch.Tensor) -> None:
-        """Accumulate the sufficient statistics of every Gaussian from a batch of normal images."""
+    def update_statistics(self, images: torch.Tensor, image_only: bool = False) -> dict[int, torch.Tensor]:
+        """Accumulate the sufficient statistics from a batch of normal images; returns its features."""
         features = self.extract(images)
         for lvl, gaussian in self.image_gaussians.items():
             gaussian.update(self.pooled(features[int(lvl)]))
-        for lvl, gaussian in self.map_gaussians.items():
-            gaussian.update(self._map_samples(int(lvl), features[int(lvl)]))
+        if not image_only:
+            for lvl, gaussian in self.map_gaussians.items():
+                gaussian.update(self._map_samples(int(lvl), features[int(lvl)]))
+        return features
 
     def reset_statistics(self) -> None:
         """Forget accumulated statistics (fitted ones stay until the next fit)."""
@@ -164,11 +166,13 @@ class GaussFTModel(DynamicBufferMixin):
             gaussian.reset()
 
     @torch.no_grad()
-    def fit(self) -> None:
-        """Fit every Gaussian from the accumulated statistics."""
-        for gaussian in self.gaussians():
+    def fit(self, image_only: bool = False) -> None:
+        """Fit the Gaussians from the accumulated statistics (``image_only``: the image-level ones only)."""
+        for gaussian in self.image_gaussians.values() if image_only else self.gaussians():
             gaussian.fit()
             gaussian.reset()
+        if image_only:  # the anomaly-map Gaussians are not fitted: the model is not usable for inference yet
+            return
         self.set_fitted(True)
         n_images = min(int(g.num_samples) for g in self.image_gaussians.values())
         widest = max(g.dim for g in self.image_gaussians.values())
@@ -185,6 +189,10 @@ class GaussFTModel(DynamicBufferMixin):
         return torch.cat(
             [g.squared_mahalanobis(self.pooled(features[int(k)])) for k, g in self.image_gaussians.items()], 1
         )
+
+    def pooled_image_score(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The paper's image score: Σ over levels of the pooled-feature Mahalanobis distance, ``(N,)``."""
+        return torch.sqrt(self.level_scores(features).clamp_min(0)).sum(dim=1)
 
     def level_maps(self, features: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """Per-level maps ``sqrt(d² / C)`` of shape ``(N, 1, h, w)``."""
@@ -232,5 +240,5 @@ class GaussFTModel(DynamicBufferMixin):
         if self.image_score == ImageScore.MAP_MAX:
             pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         else:
-            pred_score = torch.sqrt(self.level_scores(features).clamp_min(0)).sum(dim=1)
+            pred_score = self.pooled_image_score(features)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
