@@ -40,7 +40,7 @@ def test_fine_tuning_steps_lower_the_mahalanobis_loss() -> None:
     losses = []
     for _ in range(10):
         optimizer.zero_grad()
-        loss = model.model.mahalanobis_loss(images)
+        loss = model.model.fine_tuning_loss(images)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -74,9 +74,29 @@ def test_cross_fitted_loss_scores_each_image_against_the_other_fold() -> None:
                 ]
             )
             expected += other.mean() / gaussian.dim
-        actual = model.model.mahalanobis_loss(images, fold_gaussians, folds)
+        actual = model.model.fine_tuning_loss(images, fold_gaussians, folds)
     assert actual.item() > 0
     torch.testing.assert_close(actual, torch.as_tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_euclidean_center_loss_matches_a_numpy_reference() -> None:
+    """The ablation loss: Σ_levels mean_i ||f_i − μ||² / (C · mean variance), no whitening."""
+    model = _tiny(fine_tune_epochs=1, loss_distance="euclidean").eval()
+    images = torch.rand(10, 3, 64, 64)
+    _fit_gaussians(model, images)
+    with torch.no_grad():
+        features = model.model.extract(images)
+        actual = model.model.fine_tuning_loss(images, distance="euclidean")
+        mahalanobis = model.model.fine_tuning_loss(images)
+    expected = 0.0
+    for level, gaussian in model.model.image_gaussians.items():
+        pooled = model.model.pooled(features[int(level)])[:, 0].double().numpy()
+        centred = pooled - pooled.mean(0)
+        # LW-shrunk covariance keeps the trace: trace(Σ)/C is the average empirical variance.
+        average_variance = (centred**2).mean(0).mean()
+        expected += ((centred**2).sum(1) / average_variance).mean() / gaussian.dim
+    assert abs(actual.item() - expected) < 1e-3 * expected
+    assert abs(actual.item() - mahalanobis.item()) > 1e-3  # a different objective, not the paper's in disguise
 
 
 def test_gradients_reach_trainable_levels_only_and_batchnorm_stays_frozen() -> None:
@@ -86,7 +106,7 @@ def test_gradients_reach_trainable_levels_only_and_batchnorm_stays_frozen() -> N
     backbone = model.model.feature_extractor.model
     running_before = {k: v.clone() for k, v in backbone.state_dict().items() if "running" in k}
     model.on_train_epoch_start()  # puts the model in train mode with frozen BatchNorm
-    model.model.mahalanobis_loss(images).backward()
+    model.model.fine_tuning_loss(images).backward()
     for index, stage in enumerate(backbone.blocks, start=1):
         grads = [p.grad for p in stage.parameters()]
         if index in (3, 4):

@@ -77,7 +77,17 @@ def test_bad_level_index_names_the_parameter(kwargs: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"), [({"map_gaussian": "pixel"}, "map_gaussian"), ({"image_size": 0}, "image_size")]
+    ("kwargs", "name"),
+    [
+        ({"map_gaussian": "pixel"}, "map_gaussian"),
+        ({"image_size": 0}, "image_size"),
+        ({"loss_distance": "cosine"}, "loss_distance"),
+        ({"fine_tune_epochs": -1}, "fine_tune_epochs"),
+        ({"held_out_fraction": 1.0}, "held_out_fraction"),
+        ({"held_out_fraction": 0.0}, "held_out_fraction"),
+        ({"learning_rate": -1e-3}, "learning_rate"),
+        ({"false_alarm_rate": 1.5}, "false_alarm_rate"),
+    ],
 )
 def test_bad_config_values_name_the_parameter(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):

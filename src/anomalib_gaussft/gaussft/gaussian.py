@@ -134,6 +134,8 @@ class StreamingGaussian(nn.Module):
         self.register_buffer("whitening", torch.zeros(groups, dim, dim))
         self.register_buffer("shrinkage", torch.zeros(groups))
         self.register_buffer("num_samples", torch.zeros((), dtype=torch.long))
+        # Average variance trace(Σ)/dim: scales the Euclidean fine-tuning loss (an ablation); not needed to score.
+        self.register_buffer("mean_variance", torch.ones(groups), persistent=False)
         self._accumulators: dict[str, torch.Tensor] | None = None
 
     @property
@@ -246,6 +248,7 @@ class StreamingGaussian(nn.Module):
         self.mean.copy_(mean.to(self.mean))
         self.whitening.copy_(whitening.to(self.whitening))
         self.shrinkage.copy_(shrinkage.to(self.shrinkage))
+        self.mean_variance.copy_((torch.diagonal(shrunk, dim1=-2, dim2=-1).mean(-1)).to(self.mean_variance))
         self.num_samples.fill_(n)
         return {"mean": mean, "covariance": shrunk, "empirical": empirical, "shrinkage": shrinkage, "ridge": ridge}
 
@@ -254,3 +257,8 @@ class StreamingGaussian(nn.Module):
         centred = samples - self.mean
         whitened = torch.einsum("gij,ngj->ngi", self.whitening, centred)
         return (whitened * whitened).sum(-1)
+
+    def squared_euclidean(self, samples: torch.Tensor) -> torch.Tensor:
+        """Squared Euclidean distance to the mean over the average variance, ``(N, groups)`` (≈ dim, like d²)."""
+        centred = samples - self.mean
+        return (centred * centred).sum(-1) / self.mean_variance

@@ -37,7 +37,7 @@ from .calibration import CalibratedPostProcessor, conformal_p_values, conformal_
 from .fine_tuning import ForgettingMonitor, freeze_batchnorm, held_out_split, set_trainable
 from .gaussian import StreamingGaussian
 from .pseudo_anomalies import PSEUDO_ANOMALIES, PseudoAnomalyGenerator, validate_pseudo_anomalies
-from .torch_model import GaussFTModel, ImageScore, MapGaussian, ModelNotFittedError
+from .torch_model import GaussFTModel, ImageScore, LossDistance, MapGaussian, ModelNotFittedError
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class GaussFT(AnomalibModule):
         patience: Epochs without improvement of the pseudo-anomaly AUROC before stopping.
         loss_gaussian: ``"cross_fit"``: each training image's loss uses Gaussians fitted on the other half
             of the training images (out-of-sample distances); ``"in_sample"``: on all of them.
+        loss_distance: ``"mahalanobis"`` (the paper's loss) or ``"euclidean"`` (a center loss, for ablations).
         false_alarm_rate: Target rate of false alarms on normal images. When set, image and mask
             thresholds are calibrated on the held-out normals (conformal p-value ≤ rate), which then
             take no part in the final fit; when ``None``, anomalib's F1-adaptive thresholds are used.
@@ -126,6 +127,7 @@ class GaussFT(AnomalibModule):
         pseudo_anomalies: Sequence[str] = PSEUDO_ANOMALIES,
         patience: int = 3,
         loss_gaussian: str = "cross_fit",
+        loss_distance: str = "mahalanobis",
         false_alarm_rate: float | None = None,
         seed: int = 0,
         pre_processor: nn.Module | bool = True,
@@ -174,6 +176,7 @@ class GaussFT(AnomalibModule):
         for name, value, enum in (
             ("map_gaussian", args["map_gaussian"], MapGaussian),
             ("image_score", args["image_score"], ImageScore),
+            ("loss_distance", args["loss_distance"], LossDistance),
         ):
             if value not in {e.value for e in enum}:
                 msg = f"{name} must be one of {[e.value for e in enum]}, got {value!r}."
@@ -396,7 +399,7 @@ class GaussFT(AnomalibModule):
         folds = torch.tensor(
             [self._fold_of[str(p)] for p, k in zip(batch.image_path, keep, strict=True) if k], device=self.device
         )
-        loss = self.model.mahalanobis_loss(images, self._fold_gaussians, folds)
+        loss = self.model.fine_tuning_loss(images, self._fold_gaussians, folds, self.hparams.loss_distance)
         self._epoch_loss[0] += float(loss.detach()) * len(images)
         self._epoch_loss[1] += len(images)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))

@@ -33,6 +33,13 @@ class ImageScore(str, Enum):
     MAP_MAX = "map_max"  # maximum of the anomaly map
 
 
+class LossDistance(str, Enum):
+    """Distance of the fine-tuning loss."""
+
+    MAHALANOBIS = "mahalanobis"  # the paper's: distance to the induced Gaussian
+    EUCLIDEAN = "euclidean"  # ablation: a center loss, no whitening
+
+
 class ModelNotFittedError(RuntimeError):
     """Raised when a GaussFT model is used for inference before its Gaussians are fitted."""
 
@@ -204,29 +211,39 @@ class GaussFTModel(DynamicBufferMixin):
             maps.append(torch.sqrt(squared.clamp_min(0) / c).reshape(n, 1, h, w))
         return maps
 
-    def mahalanobis_loss(
+    def fine_tuning_loss(
         self,
         images: torch.Tensor,
         fold_gaussians: Sequence[dict[str, StreamingGaussian]] | None = None,
         folds: torch.Tensor | None = None,
+        distance: LossDistance | str = LossDistance.MAHALANOBIS,
     ) -> torch.Tensor:
         """Fine-tuning objective: mean over images, sum over levels of ``d² / C`` (≈1 per level when fitted).
 
-        With ``fold_gaussians`` (one ``{level: Gaussian}`` per fold) and ``folds`` (each image's fold),
-        image ``i`` is scored against the Gaussians of the *other* fold (cross-fitting): an
-        out-of-sample distance, not the in-sample one of a Gaussian fitted on the image itself.
+        ``d`` is the Mahalanobis distance (the paper's) or, as an ablation, the Euclidean distance to the
+        mean scaled by the level's average variance (a center loss). With ``fold_gaussians`` (one
+        ``{level: Gaussian}`` per fold) and ``folds`` (each image's fold), image ``i`` is scored against the
+        Gaussians of the *other* fold (cross-fitting): an out-of-sample distance, not the in-sample one of a
+        Gaussian fitted on the image itself.
         """
+        distance = LossDistance(distance)
+
+        def squared(gaussian: StreamingGaussian, pooled: torch.Tensor) -> torch.Tensor:
+            if distance == LossDistance.EUCLIDEAN:
+                return gaussian.squared_euclidean(pooled)[:, 0]
+            return gaussian.squared_mahalanobis(pooled)[:, 0]
+
         features = self.extract(images)
         losses = []
         for level, gaussian in self.image_gaussians.items():
             pooled = self.pooled(features[int(level)])
             if fold_gaussians is None or folds is None:
-                squared = gaussian.squared_mahalanobis(pooled)[:, 0]
+                per_image = squared(gaussian, pooled)
             else:
-                per_fold = torch.stack([g[level].squared_mahalanobis(pooled)[:, 0] for g in fold_gaussians], 1)
+                per_fold = torch.stack([squared(g[level], pooled) for g in fold_gaussians], 1)
                 other = (folds + 1) % len(fold_gaussians)
-                squared = per_fold.gather(1, other[:, None])[:, 0]
-            losses.append(squared.mean() / gaussian.dim)
+                per_image = per_fold.gather(1, other[:, None])[:, 0]
+            losses.append(per_image.mean() / gaussian.dim)
         return torch.stack(losses).sum()
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
