@@ -27,6 +27,7 @@ from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .calibration import CalibratedPostProcessor, conformal_p_values, conformal_threshold
+from .distributed import gather_workspaces, keep_rank_zero_workspace, real_share, unwrapped_model
 from .fine_tuning import ForgettingMonitor, freeze_batchnorm, held_out_split, set_trainable
 from .gaussian import StreamingGaussian
 from .pseudo_anomalies import PSEUDO_ANOMALIES, PseudoAnomalyGenerator, validate_pseudo_anomalies
@@ -154,6 +156,9 @@ class GaussFT(AnomalibModule):
             sigma=sigma,
         )
         self.fine_tune_epochs = fine_tune_epochs
+        # The frozen fit has nothing to optimise: manual optimisation lets its steps return no loss (also under
+        # DDP, where automatic optimisation refuses a skipped step).
+        self.automatic_optimization = self.fine_tuning
         if self.fine_tuning:
             self.trainable_levels = set_trainable(self.model.feature_extractor, trainable_levels)
         else:
@@ -170,6 +175,7 @@ class GaussFT(AnomalibModule):
         self._limit_val_batches: int | float | None = None
         self._fold_of: dict[str, int] = {}
         self._fold_gaussians: list[dict[str, StreamingGaussian]] | None = None
+        self._samples_seen = 0
 
     @staticmethod
     def _validate_config(args: dict[str, Any]) -> None:
@@ -353,6 +359,19 @@ class GaussFT(AnomalibModule):
         return self.model.pooled_image_score(self.model.extract(self._preprocess(images)))
 
     # ---- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Under DDP, keep the frozen model unwrapped: it has no gradient to synchronise.
+
+        PyTorch's ``DistributedDataParallel`` refuses a module without trainable parameters, which is what
+        the frozen Gaussian AD is; its statistics are all-reduced explicitly at the end of the pass
+        (:meth:`_all_reduce_statistics`). Lightning itself skips the wrapper outside fitting; for the frozen
+        fit the strategy is told to do the same (Lightning has no public switch for this).
+        """
+        super().setup(stage)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if stage == TrainerFn.FITTING and not self.fine_tuning and isinstance(strategy, DDPStrategy):
+            strategy._setup_model = unwrapped_model
+
     def on_fit_start(self) -> None:
         """Split off the held-out normals and score the pretrained network (epoch 0 of the stopping rule)."""
         self._final = False
@@ -369,10 +388,19 @@ class GaussFT(AnomalibModule):
             self._refit(self._loaders["fit"], image_only=True)
         self.model.train()
 
+    def on_fit_end(self) -> None:
+        """Under DDP, leave one results folder (rank 0's) behind anomalib's ``latest`` link."""
+        if self._trainer is None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        rank_dirs = gather_workspaces(self.trainer.default_root_dir)
+        if self.trainer.is_global_zero:
+            keep_rank_zero_workspace(rank_dirs)
+
     def on_train_epoch_start(self) -> None:
         """Reset the per-epoch state."""
         self._epoch_done = False
         self._epoch_loss = [0.0, 0]
+        self._samples_seen = 0
         if not self.fine_tuning:
             self.model.reset_statistics()
             return
@@ -386,9 +414,10 @@ class GaussFT(AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor | None:
         """Frozen: accumulate statistics. Fine-tuning: Mahalanobis loss of the non-held-out images."""
         del args, kwargs
-        keep = [str(path) not in self._held_out_paths for path in batch.image_path]
+        real = self._unpadded_count(len(batch.image_path))
+        keep = [index < real and str(path) not in self._held_out_paths for index, path in enumerate(batch.image_path)]
         if not any(keep):
-            return None
+            return self._zero_loss()
         images = batch.image[torch.tensor(keep, device=batch.image.device)]
         if not self.fine_tuning:
             self.model.eval()
@@ -404,6 +433,22 @@ class GaussFT(AnomalibModule):
         self._epoch_loss[1] += len(images)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
         return loss
+
+    def _unpadded_count(self, batch_size: int) -> int:
+        """How many of this batch's images are real (not DDP sampler padding): no image counted twice."""
+        sampler = getattr(self._trainer.train_dataloader, "sampler", None) if self._trainer is not None else None
+        real = real_share(sampler, self._samples_seen, batch_size)
+        self._samples_seen += batch_size
+        return real
+
+    def _zero_loss(self) -> torch.Tensor | None:
+        """A batch without trainable images: ``None``, or under DDP a zero loss that reaches every parameter.
+
+        DDP's gradient all-reduce needs every rank to run backward at every step.
+        """
+        if not self.fine_tuning or self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        return sum(p.sum() for p in self.model.feature_extractor.parameters() if p.requires_grad) * 0.0
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
         """End of an epoch's data: fit / evaluate before Lightning decides whether to validate."""
