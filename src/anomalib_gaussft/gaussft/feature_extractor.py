@@ -163,3 +163,11 @@ class MultiLevelFeatureExtractor(nn.Module):
         shapes = {lvl: tuple(f.shape[1:]) for lvl, f in self.forward(probe, self.all_levels).items()}
         self.train(was_training)
         return shapes
+
+    def level_strides(self) -> dict[int, int]:
+        """``{level: stride}`` in input pixels (EfficientNets: by a dry run at the backbone's largest stride)."""
+        reductions = [int(info["reduction"]) for info in self.model.feature_info]
+        if not self.is_efficientnet:
+            return dict(enumerate(reductions))
+        total = max(reductions)
+        return {lvl: total // height for lvl, (_, height, _) in self.level_shapes((total, total)).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .feature_extractor import MultiLevelFeatureExtractor
+
+
+def held_out_count(n_images: int, fraction: float) -> int:
+    """Number of images :func:`held_out_split` holds out of ``n_images``: ``round(fraction * n)``, at least 2."""
+    return max(2, round(fraction * n_images))
 
 
 def held_out_split(image_paths: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -23,11 +29,14 @@ def held_out_split(image_paths: Sequence[str], fraction: float, seed: int) -> tu
         msg = f"held_out_fraction must lie in (0, 1), got {fraction}."
         raise ValueError(msg)
     n = len(image_paths)
-    n_held_out = max(2, round(fraction * n))
+    n_held_out = held_out_count(n, fraction)
     if n - n_held_out < 2:
+        needed = next(m for m in itertools.count(4) if m - held_out_count(m, fraction) >= 2)
         msg = (
-            f"Fine-tuning needs at least 2 training images besides the {n_held_out} held out for forgetting "
-            f"detection; the training set has {n}. Add normal images or set fine_tune_epochs=0."
+            f"Too few normal training images: {n}. held_out_fraction={fraction} holds out {n_held_out} of them "
+            "(at least 2: for forgetting detection when fine-tuning, for calibration with false_alarm_rate) and the "
+            f"fit needs at least 2 more, so at least {needed} training images are needed. Add normal images, lower "
+            "held_out_fraction, or set fine_tune_epochs=0 and false_alarm_rate=None (which need only 2)."
         )
         raise ValueError(msg)
     order = sorted(range(n), key=lambda i: str(image_paths[i]))

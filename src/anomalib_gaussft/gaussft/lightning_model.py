@@ -38,6 +38,7 @@ from .calibration import CalibratedPostProcessor, conformal_p_values, conformal_
 from .distributed import gather_workspaces, keep_rank_zero_workspace, real_share, unwrapped_model
 from .fine_tuning import ForgettingMonitor, freeze_batchnorm, held_out_split, set_trainable
 from .gaussian import StreamingGaussian
+from .input_checks import check_dataloaders, check_fit_data, dataset_image_paths, non_finite_features_error
 from .pseudo_anomalies import PSEUDO_ANOMALIES, PseudoAnomalyGenerator, validate_pseudo_anomalies
 from .torch_model import GaussFTModel, ImageScore, LossDistance, MapGaussian, ModelNotFittedError
 
@@ -271,10 +272,17 @@ class GaussFT(AnomalibModule):
 
     @staticmethod
     def _image_paths(dataset: Any) -> list[str]:  # noqa: ANN401
-        samples = getattr(dataset, "samples", None)
-        if samples is not None and "image_path" in samples:
-            return [str(p) for p in samples["image_path"]]
-        return [str(dataset[i].image_path) for i in range(len(dataset))]
+        paths = dataset_image_paths(dataset)
+        return paths if paths is not None else [str(dataset[i].image_path) for i in range(len(dataset))]
+
+    def _accumulate(
+        self, paths: Sequence[str], images: torch.Tensor, image_only: bool = False
+    ) -> dict[int, torch.Tensor]:
+        """``model.update_statistics`` whose NaN/Inf error names the batch's images."""
+        try:
+            return self.model.update_statistics(images, image_only=image_only)
+        except FloatingPointError as err:
+            raise non_finite_features_error(paths, images) from err
 
     def _setup_fine_tuning(self) -> None:
         dataset = self._train_dataset()
@@ -320,7 +328,7 @@ class GaussFT(AnomalibModule):
             for gaussian in fold_gaussians.values():
                 gaussian.reset()
         for batch in loader:
-            features = self.model.update_statistics(self._preprocess(batch.image), image_only=image_only)
+            features = self._accumulate(batch.image_path, self._preprocess(batch.image), image_only=image_only)
             if not folds:
                 continue
             fold = torch.tensor([self._fold_of.get(str(p), -1) for p in batch.image_path], device=self.device)
@@ -375,6 +383,7 @@ class GaussFT(AnomalibModule):
     def on_fit_start(self) -> None:
         """Split off the held-out normals and score the pretrained network (epoch 0 of the stopping rule)."""
         self._final = False
+        check_fit_data(getattr(self.trainer, "datamodule", None))
         if not (self.fine_tuning or self.calibrating):
             return
         self._setup_fine_tuning()
@@ -419,16 +428,17 @@ class GaussFT(AnomalibModule):
         if not any(keep):
             return self._zero_loss()
         images = batch.image[torch.tensor(keep, device=batch.image.device)]
+        paths = [str(p) for p, k in zip(batch.image_path, keep, strict=True) if k]
         if not self.fine_tuning:
             self.model.eval()
-            self.model.update_statistics(images)
+            self._accumulate(paths, images)
             return None
         if self.hparams.freeze_batchnorm:
             freeze_batchnorm(self.model)
-        folds = torch.tensor(
-            [self._fold_of[str(p)] for p, k in zip(batch.image_path, keep, strict=True) if k], device=self.device
-        )
+        folds = torch.tensor([self._fold_of[p] for p in paths], device=self.device)
         loss = self.model.fine_tuning_loss(images, self._fold_gaussians, folds, self.hparams.loss_distance)
+        if not torch.isfinite(loss):
+            raise non_finite_features_error(paths, images)
         self._epoch_loss[0] += float(loss.detach()) * len(images)
         self._epoch_loss[1] += len(images)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
@@ -649,8 +659,9 @@ class GaussFT(AnomalibModule):
         self._require_fitted()
 
     def on_test_start(self) -> None:
-        """Fail early with a clear message if testing an unfitted model."""
+        """Fail early with a clear message if testing an unfitted model or on unusable images."""
         self._require_fitted()
+        check_dataloaders(self.trainer.test_dataloaders, "test data")
 
     def to_torch(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
         """Refuse to export an unfitted model (anomalib pickles the module without running it)."""

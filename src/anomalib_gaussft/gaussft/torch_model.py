@@ -91,11 +91,15 @@ class GaussFTModel(DynamicBufferMixin):
         self.image_size = tuple(image_size)
         self.used_levels = sorted(set(self.levels) | set(self.map_levels))
 
-        shapes = self.feature_extractor.level_shapes(self.image_size)
-        min_side = min(min(h, w) for _, h, w in shapes.values())
-        if min_side < 1:
-            msg = f"image_size {self.image_size} is too small for backbone '{backbone}'."
+        strides = self.feature_extractor.level_strides()
+        deepest = max(self.used_levels, key=lambda lvl: strides[lvl])
+        if min(self.image_size) < strides[deepest]:
+            msg = (
+                f"image_size {self.image_size} is too small for backbone '{backbone}': level {deepest} has stride "
+                f"{strides[deepest]}, so both sides of image_size must be at least {strides[deepest]} px."
+            )
             raise ValueError(msg)
+        shapes = self.feature_extractor.level_shapes(self.image_size)
         self.level_dims = {lvl: shapes[lvl][0] for lvl in self.all_levels}
         self.map_sizes = {lvl: shapes[lvl][1:] for lvl in self.map_levels}
         self.image_gaussians = nn.ModuleDict({str(lvl): StreamingGaussian(1, shapes[lvl][0]) for lvl in self.levels})
