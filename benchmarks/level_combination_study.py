@@ -25,51 +25,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from anomalib.data import Folder
 from anomalib.engine import Engine
-from scipy.stats import binomtest, chi2
+from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from anomalib_gaussft import GaussFT
 from anomalib_gaussft.datasets import make_elpv_dataset
+from anomalib_gaussft.gaussft.calibration import (
+    LEVEL_COMBINATIONS,
+    calibrated_combination,
+    combine_p_values,
+    conformal_p_values,
+    level_p_values,
+)
 
 RATES = (0.01, 0.05, 0.10)
-COMBINATIONS = ("fisher", "simes", "cauchy", "bonferroni")
-
-
-def level_p_values(scores: np.ndarray, calibration: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
-    """Per-level conformal p-values ``(N, L)``; ``leave_one_out`` scores the calibration images themselves."""
-    at_or_above = (calibration[None, :, :] >= scores[:, None, :]).sum(1)  # (N, L)
-    n = calibration.shape[0]
-    if leave_one_out:  # each calibration image counted itself once
-        return at_or_above / n  # (1 + (count - 1)) / ((n - 1) + 1)
-    return (1 + at_or_above) / (n + 1)
-
-
-def combined_p_value(p: np.ndarray, method: str) -> np.ndarray:
-    """Nominal combined p-value of per-level p-values ``(N, L)``."""
-    n_levels = p.shape[1]
-    if method == "fisher":
-        return chi2.sf(-2 * np.log(p).sum(1), 2 * n_levels)
-    if method == "simes":
-        ordered = np.sort(p, 1)
-        return (n_levels * ordered / np.arange(1, n_levels + 1)).min(1).clip(max=1)
-    if method == "cauchy":  # Liu & Xie (2020): robust to dependence for small p
-        statistic = np.tan((0.5 - p) * math.pi).mean(1)
-        return 0.5 - np.arctan(statistic) / math.pi
-    if method == "bonferroni":
-        return (n_levels * p.min(1)).clip(max=1)
-    raise ValueError(method)
-
-
-def conformal_p(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
-    """Conformal p-values of scores (large = anomalous) against calibration scores."""
-    return (1 + (calibration[None, :] >= scores[:, None]).sum(1)) / (len(calibration) + 1)
 
 
 def level_scores(model: GaussFT, loader, keep: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -113,22 +88,17 @@ def study(cell_type: str, data_root: Path, held_out_fraction: float) -> dict:
 
 
 def evaluate(data: dict) -> list[dict]:
-    calibration, test = np.asarray(data["calibration"]), np.asarray(data["test"])
+    calibration = torch.tensor(data["calibration"], dtype=torch.float64)
+    test = torch.tensor(data["test"], dtype=torch.float64)
     labels = np.asarray(data["labels"]).astype(bool)
-    p_test = level_p_values(test, calibration)
-    p_calibration = level_p_values(calibration, calibration, leave_one_out=True)
-    statistics: dict[str, tuple[np.ndarray, str]] = {
-        "sum": (conformal_p(test.sum(1), calibration.sum(1)), "conformal"),
-    }
-    for method in COMBINATIONS:
-        nominal = combined_p_value(p_test, method)
-        statistics[f"{method}, nominal"] = (nominal, "nominal")
-        surprise_test = -np.log(nominal)
-        surprise_calibration = -np.log(combined_p_value(p_calibration, method))
-        statistics[f"{method}, calibrated"] = (conformal_p(surprise_test, surprise_calibration), "conformal")
+    statistics = {"sum": conformal_p_values(test.sum(1), calibration.sum(1))}
+    for method in LEVEL_COMBINATIONS:
+        statistics[f"{method}, nominal"] = combine_p_values(level_p_values(test, calibration), method)
+        statistics[f"{method}, calibrated"] = calibrated_combination(test, calibration, method)
     rows = []
-    for name, (p, kind) in statistics.items():
-        row = {"method": name, "kind": kind, "auroc": float(roc_auc_score(labels, -p))}
+    for name, p_tensor in statistics.items():
+        p = p_tensor.numpy()
+        row = {"method": name, "auroc": float(roc_auc_score(labels, -p))}
         for rate in RATES:
             flagged = p <= rate + 1e-12
             false_alarms = int(flagged[~labels].sum())

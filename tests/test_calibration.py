@@ -11,7 +11,14 @@ from anomalib.engine import Engine
 from scipy.stats import binomtest
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.gaussft.calibration import conformal_p_values, conformal_threshold
+from anomalib_gaussft.gaussft.calibration import (
+    LEVEL_COMBINATIONS,
+    calibrated_combination,
+    combine_p_values,
+    conformal_p_values,
+    conformal_threshold,
+    level_p_values,
+)
 from conftest import TINY_BACKBONE
 
 
@@ -31,6 +38,48 @@ def test_false_alarm_rate_matches_target(rate: float) -> None:
     # With n = 199 the conformal rate is exactly floor(rate * 200) / 200 = rate for these targets.
     interval = binomtest(flagged, total, rate).proportion_ci(confidence_level=0.999)
     assert interval.low <= rate <= interval.high, (flagged / total, rate)
+
+
+def test_level_combinations_match_references() -> None:
+    import numpy as np
+    from scipy.stats import combine_pvalues
+
+    p = torch.rand(40, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64).clamp_min(1e-6)
+    fisher = [combine_pvalues(row, method="fisher").pvalue for row in p.numpy()]
+    torch.testing.assert_close(combine_p_values(p, "fisher"), torch.tensor(fisher, dtype=torch.float64))
+    ordered = np.sort(p.numpy(), 1)
+    simes = np.minimum(1, (9 * ordered / np.arange(1, 10)).min(1))
+    torch.testing.assert_close(combine_p_values(p, "simes"), torch.from_numpy(simes))
+    cauchy = 0.5 - np.arctan(np.tan((0.5 - p.numpy()) * np.pi).mean(1)) / np.pi
+    torch.testing.assert_close(combine_p_values(p, "cauchy"), torch.from_numpy(cauchy))
+    torch.testing.assert_close(combine_p_values(p, "bonferroni"), (9 * p.min(1).values).clamp(max=1))
+    with pytest.raises(ValueError, match="tippett"):
+        combine_p_values(p, "tippett")
+
+
+@pytest.mark.parametrize("method", LEVEL_COMBINATIONS)
+def test_combined_level_p_values_control_false_alarms(method: str) -> None:
+    """Correlated levels, one fresh normal per calibration draw (independent trials): P(p ≤ α) ≤ α."""
+    generator = torch.Generator().manual_seed(1)
+    correlation = torch.full((4, 4), 0.6, dtype=torch.float64) + 0.4 * torch.eye(4, dtype=torch.float64)
+    mix = torch.linalg.cholesky(correlation)
+    draws = 3000
+    p = torch.cat(
+        [
+            calibrated_combination(
+                torch.randn(1, 4, generator=generator, dtype=torch.float64) @ mix.T,
+                torch.randn(99, 4, generator=generator, dtype=torch.float64) @ mix.T,
+                method,
+            )
+            for _ in range(draws)
+        ]
+    )
+    for rate in (0.01, 0.05, 0.1):
+        flagged = int((p <= rate + 1e-12).sum())
+        interval = binomtest(flagged, draws, rate).proportion_ci(confidence_level=0.999)
+        assert interval.low <= rate, (method, rate, flagged / draws)  # never anti-conservative
+        if method in ("fisher", "cauchy"):  # continuous statistics: exact, not merely conservative
+            assert interval.high >= rate, (method, rate, flagged / draws)
 
 
 def test_unachievable_rate_names_the_smallest_achievable_one() -> None:
@@ -82,7 +131,16 @@ def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_pat
         images = torch.cat([p.image for p in predictions])  # already pre-processed by the PreProcessor callback
         raw = model.model(images).pred_score
         p_values = model.p_values(images)
+        per_level = model.p_values(images, combination="levels")
+        fisher = model.p_values(images, combination="fisher")
+        distances = model.model.level_distances(model.model.extract(images)).double()
     assert torch.equal(labels.cpu(), (p_values <= 0.25).cpu())
+    calibration = model.model.calibration_level_scores.double()
+    assert calibration.shape == (n_calibration, len(model.model.levels))
+    torch.testing.assert_close(per_level, level_p_values(distances, calibration))
+    torch.testing.assert_close(fisher, calibrated_combination(distances, calibration, "fisher"))
+    with pytest.raises(ValueError, match="combination"):
+        model.p_values(images, combination="stouffer")
     assert torch.equal(labels.cpu(), (raw > model.post_processor._image_threshold).cpu())
 
 

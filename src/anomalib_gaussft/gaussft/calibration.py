@@ -46,6 +46,63 @@ def conformal_p_values(scores: torch.Tensor, calibration_scores: torch.Tensor) -
     return ((1 + at_or_above).to(torch.float64) / (n + 1)).reshape(scores.shape)
 
 
+LEVEL_COMBINATIONS = ("fisher", "simes", "cauchy", "bonferroni")
+
+
+def level_p_values(scores: torch.Tensor, calibration: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
+    """Per-level conformal p-values ``(N, L)`` of level scores ``(N, L)`` against calibration ``(n, L)``.
+
+    ``leave_one_out`` scores the calibration images themselves, each against the other ``n - 1``.
+    """
+    at_or_above = (calibration[None, :, :] >= scores[:, None, :]).sum(1).to(torch.float64)
+    n = calibration.shape[0]
+    if leave_one_out:  # (1 + (count - 1)) / ((n - 1) + 1): each image counted itself once
+        return at_or_above / n
+    return (1 + at_or_above) / (n + 1)
+
+
+def combine_p_values(p_values: torch.Tensor, method: str) -> torch.Tensor:
+    """Combine per-level p-values ``(N, L)`` into one per image with its nominal null distribution.
+
+    Fisher (chi² with 2L degrees of freedom; assumes independent levels), Simes (valid for positively
+    dependent levels), the Cauchy combination test (Liu & Xie 2020; robust to dependence for small p) and
+    Bonferroni (``L · min p``; valid under any dependence).
+    """
+    n_levels = p_values.shape[1]
+    if method == "fisher":
+        return torch.special.gammaincc(torch.tensor(float(n_levels)), -torch.log(p_values).sum(1))
+    if method == "simes":
+        ordered = torch.sort(p_values, dim=1).values
+        ranks = torch.arange(1, n_levels + 1, dtype=p_values.dtype, device=p_values.device)
+        return (n_levels * ordered / ranks).amin(1).clamp(max=1)
+    if method == "cauchy":
+        statistic = torch.tan((0.5 - p_values) * math.pi).mean(1)
+        return 0.5 - torch.atan(statistic) / math.pi
+    if method == "bonferroni":
+        return (n_levels * p_values.amin(1)).clamp(max=1)
+    msg = f"Unknown level combination {method!r}; choose one of {list(LEVEL_COMBINATIONS)}."
+    raise ValueError(msg)
+
+
+def calibrated_combination(scores: torch.Tensor, calibration: torch.Tensor, method: str) -> torch.Tensor:
+    """Conformal p-values ``(N,)`` of the combined per-level statistic ``-log(combined p)``.
+
+    Full conformal over the ``n + 1`` images (the calibration images and the one being tested): every image's
+    per-level p-value counts the other ``n`` images, so all ``n + 1`` combined statistics are computed the
+    same way and stay exchangeable for a normal image; the usual guarantee ``P(p ≤ α) ≤ α`` then holds
+    whatever the dependence between levels. Cost ``O(N · n · L)``.
+    """
+    n = calibration.shape[0]
+    # Per level, how many *other* calibration images score at or above each calibration image.
+    others = (calibration[None, :, :] >= calibration[:, None, :]).sum(1) - 1  # (n, L)
+    test_p = (1 + (calibration[None, :, :] >= scores[:, None, :]).sum(1)) / (n + 1)  # (N, L)
+    calibration_p = (1 + others[None] + (scores[:, None, :] >= calibration[None, :, :])) / (n + 1)  # (N, n, L)
+    test_statistic = -torch.log(combine_p_values(test_p.to(torch.float64), method))
+    flat = calibration_p.reshape(-1, calibration.shape[1]).to(torch.float64)
+    calibration_statistic = -torch.log(combine_p_values(flat, method)).reshape(len(scores), n)
+    return (1 + (calibration_statistic >= test_statistic[:, None]).sum(1)).to(torch.float64) / (n + 1)
+
+
 class CalibratedPostProcessor(PostProcessor):
     """anomalib's post-processor, with thresholds and normalisation fixed by a normal-only calibration.
 

@@ -34,7 +34,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from .calibration import CalibratedPostProcessor, conformal_p_values, conformal_threshold
+from .calibration import (
+    LEVEL_COMBINATIONS,
+    CalibratedPostProcessor,
+    calibrated_combination,
+    conformal_p_values,
+    conformal_threshold,
+    level_p_values,
+)
 from .distributed import gather_workspaces, keep_rank_zero_workspace, real_share, unwrapped_model
 from .fine_tuning import ForgettingMonitor, freeze_batchnorm, held_out_split, set_trainable
 from .gaussian import StreamingGaussian
@@ -557,18 +564,21 @@ class GaussFT(AnomalibModule):
     def _calibrate(self) -> None:
         """Score the held-out normals with the final model and fix the conformal thresholds."""
         self.model.eval()
-        scores, map_max, map_min = [], [], []
+        scores, map_max, map_min, level_distances = [], [], [], []
         for batch in self._loaders["held_out"]:
-            out = self.model(self._preprocess(batch.image))
+            images = self._preprocess(batch.image)
+            out = self.model(images)
             scores.append(out.pred_score)
             map_max.append(out.anomaly_map.amax(dim=(-3, -2, -1)))
             map_min.append(out.anomaly_map.amin(dim=(-3, -2, -1)))
+            level_distances.append(self.model.level_distances(self.model.extract(images)))
         scores_t, map_max_t = torch.cat(scores), torch.cat(map_max)
         rate = self.hparams.false_alarm_rate
         image_threshold = conformal_threshold(scores_t, rate)
         pixel_threshold = conformal_threshold(map_max_t, rate)
         self.model.calibration_scores = scores_t.detach().clone()
         self.model.calibration_map_max = map_max_t.detach().clone()
+        self.model.calibration_level_scores = torch.cat(level_distances).detach().clone()
         if isinstance(self.post_processor, CalibratedPostProcessor):
             self.post_processor.set_calibration(
                 image_threshold,
@@ -586,14 +596,28 @@ class GaussFT(AnomalibModule):
             rate,
         )
 
-    def p_values(self, images: torch.Tensor) -> torch.Tensor:
-        """Conformal p-values of pre-processed images (small = anomalous); needs ``false_alarm_rate`` at fit."""
+    def p_values(self, images: torch.Tensor, combination: str = "score") -> torch.Tensor:
+        """Conformal p-values of pre-processed images (small = anomalous); needs ``false_alarm_rate`` at fit.
+
+        ``combination``: ``"score"`` (default; the p-value of the image score, which ``pred_label`` uses),
+        ``"levels"`` (one p-value per level, ``(N, L)``), or a combination of the per-level p-values
+        calibrated on the same held-out normals: ``"fisher"``, ``"simes"``, ``"cauchy"``, ``"bonferroni"``
+        (see docs/calibration.md for the measured comparison).
+        """
         if self.model.calibration_scores.numel() == 0:
             msg = "No calibration: fit GaussFT with false_alarm_rate set to get p-values."
             raise ModelNotFittedError(msg)
+        if combination not in ("score", "levels", *LEVEL_COMBINATIONS):
+            msg = f"combination must be one of {['score', 'levels', *LEVEL_COMBINATIONS]}, got {combination!r}."
+            raise ValueError(msg)
         with torch.no_grad():
-            scores = self.model(images).pred_score
-        return conformal_p_values(scores, self.model.calibration_scores)
+            if combination == "score":
+                return conformal_p_values(self.model(images).pred_score, self.model.calibration_scores)
+            levels = self.model.level_distances(self.model.extract(images)).to(torch.float64)
+            calibration = self.model.calibration_level_scores.to(torch.float64)
+        if combination == "levels":
+            return level_p_values(levels, calibration)
+        return calibrated_combination(levels, calibration, combination)
 
     def _write_training_curve(self) -> None:
         from .training_curve import save_training_curve

@@ -114,6 +114,7 @@ class GaussFTModel(DynamicBufferMixin):
         # Scores of held-out normal images for the conformal thresholds (empty unless calibrated).
         self.register_buffer("calibration_scores", torch.empty(0))
         self.register_buffer("calibration_map_max", torch.empty(0))
+        self.register_buffer("calibration_level_scores", torch.empty(0, len(self.levels)))
 
     @staticmethod
     def _sync_fitted(module: GaussFTModel, incompatible_keys: object) -> None:
@@ -201,9 +202,13 @@ class GaussFTModel(DynamicBufferMixin):
             [g.squared_mahalanobis(self.pooled(features[int(k)])) for k, g in self.image_gaussians.items()], 1
         )
 
+    def level_distances(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Mahalanobis distance of the pooled features per level, ``(N, len(levels))``."""
+        return torch.sqrt(self.level_scores(features).clamp_min(0))
+
     def pooled_image_score(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """The paper's image score: Σ over levels of the pooled-feature Mahalanobis distance, ``(N,)``."""
-        return torch.sqrt(self.level_scores(features).clamp_min(0)).sum(dim=1)
+        return self.level_distances(features).sum(dim=1)
 
     def level_maps(self, features: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """Per-level maps ``sqrt(d² / C)`` of shape ``(N, 1, h, w)``."""
