@@ -19,7 +19,7 @@ def _datamodule(root: Path) -> MVTecAD:
 
 @pytest.mark.slow
 def test_engine_fit_test_predict(texture_root: Path, tmp_path: Path) -> None:
-    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, pixel_aupro=True)
     engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", devices=1)
     engine.fit(model=model, datamodule=_datamodule(texture_root))
     assert bool(model.model.is_fitted)

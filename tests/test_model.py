@@ -94,6 +94,19 @@ def test_bad_config_values_name_the_parameter(kwargs: dict, name: str) -> None:
         GaussFT(backbone=TINY_BACKBONE, pre_trained=False, **kwargs)
 
 
+def test_default_test_metrics_are_anomalibs_and_aupro_is_opt_in() -> None:
+    # anomalib's benchmark pipeline builds one table from every job's test results: GaussFT's keys must be
+    # the stock models' (PaDiM, PatchCore, DFM) unless AUPRO is asked for.
+    from anomalib.models.components import AnomalibModule
+
+    stock = [metric.name for metric in AnomalibModule.configure_evaluator().test_metrics]
+    default = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    assert [metric.name for metric in default.evaluator.test_metrics] == stock
+    with_aupro = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, pixel_aupro=True)
+    assert [metric.name for metric in with_aupro.evaluator.test_metrics] == [*stock, "pixel_AUPRO"]
+    assert with_aupro.hparams.pixel_aupro is True
+
+
 def test_predict_before_fit_is_a_clear_error() -> None:
     model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64).eval()
     with pytest.raises(ModelNotFittedError, match="not fitted"):

@@ -110,6 +110,9 @@ class GaussFT(AnomalibModule):
             thresholds are calibrated on the held-out normals (conformal p-value ≤ rate), which then
             take no part in the final fit; when ``None``, anomalib's F1-adaptive thresholds are used.
         seed: Seed of the held-out split and of the pseudo-anomalies.
+        pixel_aupro: Add pixel AUPRO to the default test metrics (``evaluator=True``). Off by default: the
+            test results then have the same keys as anomalib's stock models (PaDiM, PatchCore, DFM, ...),
+            which anomalib's benchmark pipeline needs to put them in one table.
         pre_processor: Pre-processor, or ``True`` for the backbone's native size and normalisation.
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -140,12 +143,15 @@ class GaussFT(AnomalibModule):
         loss_distance: str = "mahalanobis",
         false_alarm_rate: float | None = None,
         seed: int = 0,
+        pixel_aupro: bool = False,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
         self._validate_config(locals())
+        if evaluator is True:
+            evaluator = self.configure_evaluator(pixel_aupro=pixel_aupro)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -227,15 +233,16 @@ class GaussFT(AnomalibModule):
         return self.hparams.get("false_alarm_rate") is not None
 
     @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Anomalib's default test metrics plus pixel AUPRO (per-region overlap) for the heatmaps."""
+    def configure_evaluator(pixel_aupro: bool = False) -> Evaluator:
+        """Anomalib's default test metrics (image/pixel AUROC and F1), plus pixel AUPRO when ``pixel_aupro``."""
         test_metrics = [
             AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
             F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
             AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
             F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
+        if pixel_aupro:  # per-region overlap of the heatmaps
+            test_metrics.append(AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False))
         return Evaluator(test_metrics=test_metrics)
 
     def configure_post_processor(self) -> CalibratedPostProcessor:
