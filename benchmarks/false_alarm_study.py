@@ -17,32 +17,19 @@ import logging
 from pathlib import Path
 
 import torch
-from anomalib.data import Folder
 from anomalib.engine import Engine
 from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshold  # the field-free core
 from scipy.stats import binomtest
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.datasets import make_elpv_dataset
+from anomalib_gaussft.datasets import elpv_datamodule
 from anomalib_gaussft.gaussft.calibration import conformal_threshold
 
 RATES = (0.01, 0.05, 0.10)
 
 
 def study(cell_type: str, data_root: Path, held_out_fraction: float, epochs: int) -> list[str]:
-    folder = make_elpv_dataset(data_root, cell_type=cell_type, image_size=224)
-    datamodule = Folder(
-        name=f"elpv_{cell_type}",
-        root=folder,
-        normal_dir="train/good",
-        normal_test_dir="test/good",
-        abnormal_dir="test/defect",
-        train_batch_size=16,
-        eval_batch_size=32,
-        num_workers=0,
-        val_split_mode="same_as_test",
-        seed=0,
-    )
+    datamodule = elpv_datamodule(data_root, cell_type=cell_type)
     model = GaussFT(
         backbone="tf_efficientnet_lite0",
         fine_tune_epochs=epochs,

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from anomalib.data import Folder, MVTecAD
+from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from sklearn.metrics import roc_auc_score
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.datasets import make_elpv_dataset, make_texture_dataset
+from anomalib_gaussft.datasets import elpv_datamodule, make_texture_dataset
 
 logger = logging.getLogger("fine_tuning_study")
 
@@ -48,19 +48,7 @@ class TrackedGaussFT(GaussFT):
 
 def datamodule(name: str, root: Path, batch_size: int):
     if name.startswith("elpv_"):
-        folder = make_elpv_dataset(root, cell_type=name.removeprefix("elpv_"), image_size=224)
-        return Folder(
-            name=name,
-            root=folder,
-            normal_dir="train/good",
-            normal_test_dir="test/good",
-            abnormal_dir="test/defect",
-            train_batch_size=batch_size,
-            eval_batch_size=32,
-            num_workers=0,
-            val_split_mode="same_as_test",
-            seed=0,
-        )
+        return elpv_datamodule(root, cell_type=name.removeprefix("elpv_"), train_batch_size=batch_size)
     make_texture_dataset(root / "textures", image_size=224, n_train=60, n_test_good=30, n_test_defect=30)
     return MVTecAD(
         root=root / "textures", category=name, train_batch_size=batch_size, eval_batch_size=32, num_workers=0

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from anomalib.data import Folder
 from anomalib.engine import Engine
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.datasets import make_elpv_dataset
+from anomalib_gaussft.datasets import elpv_datamodule
 from anomalib_gaussft.gaussft.calibration import (
     LEVEL_COMBINATIONS,
     calibrated_combination,
@@ -57,25 +56,13 @@ def level_scores(model: GaussFT, loader, keep: set[str] | None = None) -> tuple[
                 continue
             images = model.pre_processor.transform(batch.image[torch.tensor(mask)])
             features = model.model.extract(images)
-            scores.append(model.model.level_scores(features).clamp_min(0).sqrt().cpu())
+            scores.append(model.model.level_distances(features).cpu())
             labels.append(batch.gt_label[torch.tensor(mask)].cpu())
     return torch.cat(scores).double().numpy(), torch.cat(labels).int().numpy()
 
 
 def study(cell_type: str, data_root: Path, held_out_fraction: float) -> dict:
-    folder = make_elpv_dataset(data_root, cell_type=cell_type, image_size=224)
-    datamodule = Folder(
-        name=f"elpv_{cell_type}",
-        root=folder,
-        normal_dir="train/good",
-        normal_test_dir="test/good",
-        abnormal_dir="test/defect",
-        train_batch_size=16,
-        eval_batch_size=32,
-        num_workers=0,
-        val_split_mode="same_as_test",
-        seed=0,
-    )
+    datamodule = elpv_datamodule(data_root, cell_type=cell_type)
     model = GaussFT(
         backbone="tf_efficientnet_lite0", fine_tune_epochs=0, false_alarm_rate=0.05, held_out_fraction=held_out_fraction
     )

@@ -485,6 +485,33 @@ def make_elpv_dataset(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def elpv_datamodule(
+    root: str | Path,
+    cell_type: str = "mono",
+    image_size: int = 224,
+    train_batch_size: int = 16,
+    eval_batch_size: int = 32,
+) -> Any:  # noqa: ANN401 - anomalib.data.Folder, imported lazily
+    """An ``anomalib.data.Folder`` over :func:`make_elpv_dataset`'s tree (built if missing).
+
+    Validation = the labelled test split (``same_as_test``), as the benchmarks use it; ``num_workers=0``.
+    """
+    from anomalib.data import Folder
+
+    return Folder(
+        name=f"elpv_{cell_type}",
+        root=make_elpv_dataset(Path(root), cell_type=cell_type, image_size=image_size),
+        normal_dir="train/good",
+        normal_test_dir="test/good",
+        abnormal_dir="test/defect",
+        train_batch_size=train_batch_size,
+        eval_batch_size=eval_batch_size,
+        num_workers=0,
+        val_split_mode="same_as_test",
+        seed=0,
+    )
+
+
 def _print_counts(folder: Path, subdirs: Sequence[str]) -> None:
     """Print the number of PNG files per split of ``folder``."""
     counts = ", ".join(f"{sub}: {_count_pngs(folder / sub)}" for sub in subdirs)
