@@ -574,11 +574,12 @@ class GaussFT(AnomalibModule):
         scores, map_max, map_min, level_distances = [], [], [], []
         for batch in self._loaders["held_out"]:
             images = self._preprocess(batch.image)
-            out = self.model(images)
+            features = self.model.extract(images)
+            out = self.model.predict_from_features(features, images.shape[-2:])
             scores.append(out.pred_score)
             map_max.append(out.anomaly_map.amax(dim=(-3, -2, -1)))
             map_min.append(out.anomaly_map.amin(dim=(-3, -2, -1)))
-            level_distances.append(self.model.level_distances(self.model.extract(images)))
+            level_distances.append(self.model.level_distances(features))
         scores_t, map_max_t = torch.cat(scores), torch.cat(map_max)
         rate = self.hparams.false_alarm_rate
         image_threshold = conformal_threshold(scores_t, rate)

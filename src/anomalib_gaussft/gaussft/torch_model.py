@@ -261,8 +261,13 @@ class GaussFTModel(DynamicBufferMixin):
         if not (getattr(self, "_fitted", False) if tracing else bool(self.is_fitted)):
             msg = "GaussFT is not fitted: train it (engine.fit / anomalib train) or load a fitted checkpoint first."
             raise ModelNotFittedError(msg)
-        features = self.extract(images)
-        anomaly_map = self.anomaly_map_generator(self.level_maps(features), images.shape[-2:])
+        return self.predict_from_features(self.extract(images), images.shape[-2:])
+
+    def predict_from_features(
+        self, features: dict[int, torch.Tensor], image_size: tuple[int, int] | torch.Size
+    ) -> InferenceBatch:
+        """``pred_score`` and ``anomaly_map`` (at ``image_size``) from the features of :meth:`extract`."""
+        anomaly_map = self.anomaly_map_generator(self.level_maps(features), image_size)
         if self.image_score == ImageScore.MAP_MAX:
             pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         else:
