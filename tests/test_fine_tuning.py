@@ -275,3 +275,19 @@ def test_interrupted_fine_tuning_resumes_to_the_same_scores(texture_root: Path, 
     )
     assert [h["epoch"] for h in resumed.monitor.history] == [h["epoch"] for h in uninterrupted.monitor.history]
     torch.testing.assert_close(scores(resumed), scores(uninterrupted), rtol=1e-5, atol=1e-5)
+
+
+def test_layers_past_the_deepest_loss_level_are_not_trained() -> None:
+    """They would get no gradient (and DDP's all-reduce fails on trainable parameters without one)."""
+    model = _tiny(fine_tune_epochs=1, levels=[0, 1, 2, 3], map_levels=[2, 3])
+    backbone = model.model.feature_extractor.model
+    assert model.trainable_levels == [0, 1, 2, 3]
+    assert all(p.requires_grad for stage in backbone.blocks[:3] for p in stage.parameters())
+    assert not any(p.requires_grad for stage in backbone.blocks[3:] for p in stage.parameters())
+    assert not any(p.requires_grad for p in backbone.conv_head.parameters())
+    images = torch.rand(6, 3, 64, 64)
+    _fit_gaussians(model, images)
+    model.model.fine_tuning_loss(images).backward()
+    assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="trainable_levels"):
+        _tiny(fine_tune_epochs=1, levels=[0, 1, 2, 3], map_levels=[2, 3], trainable_levels=[3, 5])

@@ -174,7 +174,7 @@ class GaussFT(AnomalibModule):
         # DDP, where automatic optimisation refuses a skipped step).
         self.automatic_optimization = self.fine_tuning
         if self.fine_tuning:
-            self.trainable_levels = set_trainable(self.model.feature_extractor, trainable_levels)
+            self.trainable_levels = set_trainable(self.model.feature_extractor, trainable_levels, self.model.levels)
         else:
             self.model.feature_extractor.requires_grad_(False)
             self.trainable_levels = []
