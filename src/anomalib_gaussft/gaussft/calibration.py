@@ -39,26 +39,19 @@ def conformal_threshold(calibration_scores: torch.Tensor, false_alarm_rate: floa
     return ordered[n - 1 - allowed_at_or_above].clone()
 
 
-def conformal_p_values(scores: torch.Tensor, calibration_scores: torch.Tensor) -> torch.Tensor:
-    """``(1 + #{calibration ≥ s}) / (n + 1)`` for every score."""
-    n = calibration_scores.numel()
-    at_or_above = (calibration_scores.flatten()[None, :] >= scores.flatten()[:, None]).sum(1)
-    return ((1 + at_or_above).to(torch.float64) / (n + 1)).reshape(scores.shape)
-
-
 LEVEL_COMBINATIONS = ("fisher", "simes", "cauchy", "bonferroni")
 
 
-def level_p_values(scores: torch.Tensor, calibration: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
-    """Per-level conformal p-values ``(N, L)`` of level scores ``(N, L)`` against calibration ``(n, L)``.
+def level_p_values(scores: torch.Tensor, calibration: torch.Tensor) -> torch.Tensor:
+    """Per-level conformal p-values ``(N, L)`` of level scores ``(N, L)`` against calibration ``(n, L)``."""
+    at_or_above = (calibration[None, :, :] >= scores[:, None, :]).sum(1)
+    return (1 + at_or_above).to(torch.float64) / (calibration.shape[0] + 1)
 
-    ``leave_one_out`` scores the calibration images themselves, each against the other ``n - 1``.
-    """
-    at_or_above = (calibration[None, :, :] >= scores[:, None, :]).sum(1).to(torch.float64)
-    n = calibration.shape[0]
-    if leave_one_out:  # (1 + (count - 1)) / ((n - 1) + 1): each image counted itself once
-        return at_or_above / n
-    return (1 + at_or_above) / (n + 1)
+
+def conformal_p_values(scores: torch.Tensor, calibration_scores: torch.Tensor) -> torch.Tensor:
+    """``(1 + #{calibration ≥ s}) / (n + 1)`` for every score."""
+    p_values = level_p_values(scores.reshape(-1, 1), calibration_scores.reshape(-1, 1))
+    return p_values.reshape(scores.shape)
 
 
 def combine_p_values(p_values: torch.Tensor, method: str) -> torch.Tensor:
@@ -95,10 +88,13 @@ def calibrated_combination(scores: torch.Tensor, calibration: torch.Tensor, meth
     n = calibration.shape[0]
     # Per level, how many *other* calibration images score at or above each calibration image.
     others = (calibration[None, :, :] >= calibration[:, None, :]).sum(1) - 1  # (n, L)
-    test_p = (1 + (calibration[None, :, :] >= scores[:, None, :]).sum(1)) / (n + 1)  # (N, L)
-    calibration_p = (1 + others[None] + (scores[:, None, :] >= calibration[None, :, :])) / (n + 1)  # (N, n, L)
-    test_statistic = -torch.log(combine_p_values(test_p.to(torch.float64), method))
-    flat = calibration_p.reshape(-1, calibration.shape[1]).to(torch.float64)
+    # Both sides divide the same integer counts in float64, so equal counts give bit-equal p-values (ties
+    # between the tested image and a calibration image must stay ties for the n + 1 images to be exchangeable).
+    test_p = level_p_values(scores, calibration)  # (N, L)
+    at_or_above = others[None] + (scores[:, None, :] >= calibration[None, :, :])  # (N, n, L)
+    calibration_p = (1 + at_or_above).to(torch.float64) / (n + 1)
+    test_statistic = -torch.log(combine_p_values(test_p, method))
+    flat = calibration_p.reshape(-1, calibration.shape[1])
     calibration_statistic = -torch.log(combine_p_values(flat, method)).reshape(len(scores), n)
     return (1 + (calibration_statistic >= test_statistic[:, None]).sum(1)).to(torch.float64) / (n + 1)
 

@@ -196,15 +196,10 @@ class GaussFTModel(DynamicBufferMixin):
                 widest,
             )
 
-    def level_scores(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Squared Mahalanobis distance of the pooled features, ``(N, len(levels))``."""
-        return torch.cat(
-            [g.squared_mahalanobis(self.pooled(features[int(k)])) for k, g in self.image_gaussians.items()], 1
-        )
-
     def level_distances(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Mahalanobis distance of the pooled features per level, ``(N, len(levels))``."""
-        return torch.sqrt(self.level_scores(features).clamp_min(0))
+        squared = [g.squared_mahalanobis(self.pooled(features[int(k)])) for k, g in self.image_gaussians.items()]
+        return torch.sqrt(torch.cat(squared, 1).clamp_min(0))
 
     def pooled_image_score(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """The paper's image score: Σ over levels of the pooled-feature Mahalanobis distance, ``(N,)``."""
