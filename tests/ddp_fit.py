@@ -16,16 +16,26 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 
 from anomalib_gaussft import GaussFT
+from anomalib_gaussft.gaussft.forgetting import ForgettingCallback
 
 
-class RecordingGaussFT(GaussFT):
-    """GaussFT that remembers whether this process wrote the training curve."""
+class RecordingForgetting(ForgettingCallback):
+    """The forgetting check, remembering whether this process wrote the training curve."""
 
     wrote_curve = False
 
-    def _write_training_curve(self) -> None:
+    def write_curve(self, path: Path) -> None:
         type(self).wrote_curve = True
-        super()._write_training_curve()
+        super().write_curve(path)
+
+
+class RecordingGaussFT(GaussFT):
+    """GaussFT with the recording forgetting check."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.fine_tuning:
+            self.forgetting = RecordingForgetting(self.hparams.patience, self.hparams.pseudo_anomalies)
 
 
 def main() -> None:
@@ -65,10 +75,10 @@ def main() -> None:
     trainer = engine.trainer
     record = {
         "world_size": trainer.world_size,
-        "held_out": sorted(model._held_out_paths),
-        "history": [{k: v for k, v in h.items() if k != "loss"} for h in model.monitor.history],
-        "best_epoch": model.monitor.best_epoch,
-        "wrote_curve": RecordingGaussFT.wrote_curve,
+        "held_out": sorted(model.held_out.held_out_paths) if model.held_out is not None else [],
+        "history": [{k: v for k, v in h.items() if k != "loss"} for h in getattr(model.forgetting, "history", [])],
+        "best_epoch": getattr(model.forgetting, "best_epoch", -1),
+        "wrote_curve": RecordingForgetting.wrote_curve,
         "num_samples": int(model.model.image_gaussians["0"].num_samples),
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

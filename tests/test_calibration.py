@@ -115,7 +115,7 @@ def _fit_normal_only(texture_root: Path, tmp_path: Path) -> tuple[GaussFT, Engin
 def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_path: Path) -> None:
     model, engine, datamodule = _fit_normal_only(texture_root, tmp_path)
     n_train = len(datamodule.train_data)
-    n_calibration = model.model.calibration_scores.numel()
+    n_calibration = model.calibrator.scores.numel()
     assert n_calibration == round(0.3 * n_train)
     # The held-out calibration images are not part of the fit (split conformal).
     assert model.model.image_gaussians["0"].num_samples.item() == n_train - n_calibration
@@ -135,7 +135,7 @@ def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_pat
         fisher = model.p_values(images, combination="fisher")
         distances = model.model.level_distances(model.model.extract(images)).double()
     assert torch.equal(labels.cpu(), (p_values <= 0.25).cpu())
-    calibration = model.model.calibration_level_scores.double()
+    calibration = model.calibrator.level_scores.double()
     assert calibration.shape == (n_calibration, len(model.model.levels))
     torch.testing.assert_close(per_level, level_p_values(distances, calibration))
     torch.testing.assert_close(fisher, calibrated_combination(distances, calibration, "fisher"))

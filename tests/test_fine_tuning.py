@@ -13,7 +13,9 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.gaussft.fine_tuning import ForgettingMonitor, held_out_split
+from anomalib_gaussft.gaussft.forgetting import ForgettingCallback
+from anomalib_gaussft.gaussft.held_out import held_out_split
+from anomalib_gaussft.gaussft.loss import GaussianLoss
 from conftest import TINY_BACKBONE
 
 
@@ -31,6 +33,12 @@ def _fit_gaussians(model: GaussFT, images: torch.Tensor) -> None:
     model.model.fit()
 
 
+def _loss(model: GaussFT, images: torch.Tensor, folds: torch.Tensor | None = None, loss=None) -> torch.Tensor:
+    """The fine-tuning loss of pre-processed images (``folds``: each image's cross-fitting fold)."""
+    pooled = model.model.pooled_features(model.model.extract(images))
+    return (loss or model.loss)(pooled, model.model.image_gaussians, folds)
+
+
 def test_fine_tuning_steps_lower_the_mahalanobis_loss() -> None:
     model = _tiny(fine_tune_epochs=1, learning_rate=1e-3)
     images = torch.rand(16, 3, 64, 64)
@@ -40,7 +48,7 @@ def test_fine_tuning_steps_lower_the_mahalanobis_loss() -> None:
     losses = []
     for _ in range(10):
         optimizer.zero_grad()
-        loss = model.model.fine_tuning_loss(images)
+        loss = _loss(model, images)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -55,6 +63,8 @@ def test_cross_fitted_loss_scores_each_image_against_the_other_fold() -> None:
     folds = torch.tensor([0, 1] * 6)
     with torch.no_grad():
         features = model.model.extract(images)
+        model.loss.update(model.model.pooled_features(features), folds)
+        model.loss.fit()
         fold_gaussians = []
         for index in range(2):
             fitted = {}
@@ -74,7 +84,7 @@ def test_cross_fitted_loss_scores_each_image_against_the_other_fold() -> None:
                 ]
             )
             expected += other.mean() / gaussian.dim
-        actual = model.model.fine_tuning_loss(images, fold_gaussians, folds)
+        actual = _loss(model, images, folds)
     assert actual.item() > 0
     torch.testing.assert_close(actual, torch.as_tensor(expected), rtol=1e-4, atol=1e-4)
 
@@ -86,8 +96,8 @@ def test_euclidean_center_loss_matches_a_numpy_reference() -> None:
     _fit_gaussians(model, images)
     with torch.no_grad():
         features = model.model.extract(images)
-        actual = model.model.fine_tuning_loss(images, distance="euclidean")
-        mahalanobis = model.model.fine_tuning_loss(images)
+        actual = _loss(model, images)  # no folds: against the model's own Gaussians
+        mahalanobis = _loss(model, images, loss=GaussianLoss(model.loss.level_dims, "in_sample", "mahalanobis"))
     expected = 0.0
     for level, gaussian in model.model.image_gaussians.items():
         pooled = model.model.pooled(features[int(level)])[:, 0].double().numpy()
@@ -106,7 +116,7 @@ def test_gradients_reach_trainable_levels_only_and_batchnorm_stays_frozen() -> N
     backbone = model.model.feature_extractor.model
     running_before = {k: v.clone() for k, v in backbone.state_dict().items() if "running" in k}
     model.on_train_epoch_start()  # puts the model in train mode with frozen BatchNorm
-    model.model.fine_tuning_loss(images).backward()
+    _loss(model, images).backward()
     for index, stage in enumerate(backbone.blocks, start=1):
         grads = [p.grad for p in stage.parameters()]
         if index in (3, 4):
@@ -135,37 +145,54 @@ def test_held_out_split_is_deterministic_and_order_independent() -> None:
 
 
 def test_monitor_keeps_best_and_stops_after_patience() -> None:
-    monitor = ForgettingMonitor(patience=2)
-    flags = [monitor.update(e, s) for e, s in enumerate([0.5, 0.7, 0.9, 0.6, 0.95, 0.4, 0.3])]
+    monitor = ForgettingCallback(patience=2, pseudo_anomalies=["cutout"])
+    flags = [monitor.record(e, s) for e, s in enumerate([0.5, 0.7, 0.9, 0.6, 0.95, 0.4, 0.3])]
     assert flags == [True, True, True, False, True, False, False]
     assert monitor.best_epoch == 4
     assert monitor.should_stop
 
 
-class _Scripted(GaussFT):
+class _ScriptedForgetting(ForgettingCallback):
     """Replays a crafted pseudo-AUROC sequence and snapshots the weights of every epoch."""
 
     sequence = (0.50, 0.60, 0.90, 0.70, 0.65, 0.99)
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def pseudo_anomaly_auroc(self, pl_module) -> dict[str, float]:
+        real = super().pseudo_anomaly_auroc(pl_module)  # exercise the real code path too
+        assert 0.0 <= real["all"] <= 1.0
+        return {"all": self.sequence[len(self.history)]}
+
+    def evaluate(self, trainer, pl_module, epoch: int, loss: float) -> None:
+        self.snapshots[epoch] = {k: v.clone() for k, v in pl_module.model.feature_extractor.state_dict().items()}
+        super().evaluate(trainer, pl_module, epoch, loss)
+
+
+class _Scripted(GaussFT):
+    """GaussFT with the scripted forgetting check; records what it trained on and how often it validated."""
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.forgetting = _ScriptedForgetting(self.hparams.patience, self.hparams.pseudo_anomalies)
         self.trained_paths: list[str] = []
         self.validation_batches = 0
-
-    def pseudo_anomaly_auroc(self) -> dict[str, float]:
-        real = super().pseudo_anomaly_auroc()  # exercise the real code path too
-        assert 0.0 <= real["all"] <= 1.0
-        return {"all": self.sequence[len(self.monitor.history)]}
-
-    def _evaluate_epoch(self, epoch: int, loss: float) -> None:
-        self.snapshots[epoch] = {k: v.clone() for k, v in self.model.feature_extractor.state_dict().items()}
-        super()._evaluate_epoch(epoch, loss)
+        self.held_out_dataset = None
 
     def training_step(self, batch, *args, **kwargs):
-        kept = [str(p) for p in batch.image_path if str(p) not in self._held_out_paths]
+        kept = [
+            str(p)
+            for p, held in zip(batch.image_path, self.held_out.is_held_out(batch.image_path), strict=True)
+            if not held
+        ]
         self.trained_paths.extend(kept)
         return super().training_step(batch, *args, **kwargs)
+
+    def finish_fit(self) -> None:
+        self.held_out_dataset = self.held_out.dataset  # what the held-out and fit loaders read
+        super().finish_fit()
 
     def validation_step(self, batch, *args, **kwargs):
         self.validation_batches += 1
@@ -183,22 +210,21 @@ def test_stopping_rule_restores_the_best_epoch_and_never_trains_on_held_out(text
     engine.fit(model=model, datamodule=datamodule)
 
     # 0.5, 0.6, 0.9 (best, epoch 2), 0.7, 0.65 -> two epochs without improvement: stop after epoch 4.
-    assert [h["epoch"] for h in model.monitor.history] == [0, 1, 2, 3, 4]
-    assert all(h["loss"] > 0 for h in model.monitor.history[1:]), "the loss must not be degenerate"
-    assert model.monitor.best_epoch == 2
+    forgetting = model.forgetting
+    assert [h["epoch"] for h in forgetting.history] == [0, 1, 2, 3, 4]
+    assert all(h["loss"] > 0 for h in forgetting.history[1:]), "the loss must not be degenerate"
+    assert forgetting.best_epoch == 2
     restored = model.model.feature_extractor.state_dict()
-    assert all(torch.equal(restored[k], v) for k, v in model.snapshots[2].items())
-    assert not all(torch.equal(restored[k], v) for k, v in model.snapshots[4].items())  # training did move it
+    assert all(torch.equal(restored[k], v) for k, v in forgetting.snapshots[2].items())
+    assert not all(torch.equal(restored[k], v) for k, v in forgetting.snapshots[4].items())  # training did move it
 
-    held_out = model._held_out_paths
+    held_out = model.held_out.held_out_paths
     train_paths = {str(p) for p in datamodule.train_data.samples.image_path}
     assert held_out
     assert held_out < train_paths
     assert not held_out & set(model.trained_paths)
     assert set(model.trained_paths) == train_paths - held_out
-    for loader in model._loaders.values():
-        dataset = getattr(loader.dataset, "dataset", loader.dataset)  # a Subset or the whole train set
-        assert dataset is datamodule.train_data
+    assert model.held_out_dataset is datamodule.train_data
     # The datamodule's validation split (here: the test split, with real anomalies) ran exactly once, after
     # the final model was fixed: it cannot have influenced the stopping decision.
     assert model.validation_batches == len(datamodule.val_dataloader())
@@ -266,14 +292,14 @@ def test_interrupted_fine_tuning_resumes_to_the_same_scores(texture_root: Path, 
     engine = Engine(default_root_dir=tmp_path / "b", logger=False, callbacks=[checkpoints, _Interrupt(after_epoch=1)])
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
         engine.fit(model=interrupted, datamodule=_datamodule(texture_root))
-    assert not bool(interrupted.model.is_fitted) or interrupted.monitor.history[-1]["epoch"] < 3
+    assert not bool(interrupted.model.is_fitted) or interrupted.forgetting.history[-1]["epoch"] < 3
 
     seed_everything(123)  # a different global state: the resumed run must not depend on it
     resumed = make()
     Engine(default_root_dir=tmp_path / "c", logger=False).fit(
         model=resumed, datamodule=_datamodule(texture_root), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
-    assert [h["epoch"] for h in resumed.monitor.history] == [h["epoch"] for h in uninterrupted.monitor.history]
+    assert [h["epoch"] for h in resumed.forgetting.history] == [h["epoch"] for h in uninterrupted.forgetting.history]
     torch.testing.assert_close(scores(resumed), scores(uninterrupted), rtol=1e-5, atol=1e-5)
 
 
@@ -287,7 +313,7 @@ def test_layers_past_the_deepest_loss_level_are_not_trained() -> None:
     assert not any(p.requires_grad for p in backbone.conv_head.parameters())
     images = torch.rand(6, 3, 64, 64)
     _fit_gaussians(model, images)
-    model.model.fine_tuning_loss(images).backward()
+    _loss(model, images).backward()
     assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="trainable_levels"):
         _tiny(fine_tune_epochs=1, levels=[0, 1, 2, 3], map_levels=[2, 3], trainable_levels=[3, 5])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import GaussianBlur2d
+from anomalib.models.components.filters.blur import compute_kernel_size
 from torch import nn
 
 
@@ -25,7 +26,7 @@ class AnomalyMapGenerator(nn.Module):
         super().__init__()
         self.sigma = sigma
         if sigma > 0:
-            kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+            kernel_size = compute_kernel_size(sigma)
             self.blur: nn.Module = GaussianBlur2d(
                 kernel_size=(kernel_size, kernel_size), sigma=(sigma, sigma), channels=1
             )

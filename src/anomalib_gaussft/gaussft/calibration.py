@@ -8,11 +8,21 @@ threshold on the score, so anomalib's post-processor (and an exported model) app
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
+from anomalib.models.components.base import DynamicBufferMixin
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import LightningModule, Trainer
+from scipy.stats import combine_pvalues
+
+if TYPE_CHECKING:
+    from .torch_model import GaussFTModel
+
+logger = logging.getLogger(__name__)
 
 
 def smallest_achievable_rate(n_calibration: int) -> float:
@@ -63,7 +73,8 @@ def combine_p_values(p_values: torch.Tensor, method: str) -> torch.Tensor:
     """
     n_levels = p_values.shape[1]
     if method == "fisher":
-        return torch.special.gammaincc(torch.tensor(float(n_levels)), -torch.log(p_values).sum(1))
+        combined = combine_pvalues(p_values.detach().cpu().numpy(), method="fisher", axis=1).pvalue
+        return torch.as_tensor(combined, dtype=p_values.dtype, device=p_values.device)
     if method == "simes":
         ordered = torch.sort(p_values, dim=1).values
         ranks = torch.arange(1, n_levels + 1, dtype=p_values.dtype, device=p_values.device)
@@ -97,6 +108,88 @@ def calibrated_combination(scores: torch.Tensor, calibration: torch.Tensor, meth
     flat = calibration_p.reshape(-1, calibration.shape[1])
     calibration_statistic = -torch.log(combine_p_values(flat, method)).reshape(len(scores), n)
     return (1 + (calibration_statistic >= test_statistic[:, None]).sum(1)).to(torch.float64) / (n + 1)
+
+
+class Calibrator(DynamicBufferMixin):
+    """Scores of held-out normal images that took no part in the fit, and the p-values they give.
+
+    Buffers (saved in checkpoints, resized on load): ``scores`` ``(n,)``, the image scores, and
+    ``level_scores`` ``(n, L)``, the per-level distances of the same images.
+
+    Args:
+        n_levels: Number of image-score levels.
+
+    """
+
+    def __init__(self, n_levels: int) -> None:
+        super().__init__()
+        self.register_buffer("scores", torch.empty(0))
+        self.register_buffer("level_scores", torch.empty(0, n_levels))
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether calibration scores are stored."""
+        return self.scores.numel() > 0
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        model: GaussFTModel,
+        loader: Iterable[Any],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        false_alarm_rate: float,
+    ) -> dict[str, torch.Tensor]:
+        """Score held-out normals (``loader``) with the final ``model``; store them; return conformal thresholds.
+
+        The image threshold is conformal on ``pred_score``, the mask threshold on each image's anomaly-map
+        maximum, so a normal image gets a label, or a non-empty mask, with probability at most
+        ``false_alarm_rate``. Also returns the min/max normalisation ranges for the post-processor.
+        """
+        scores, map_max, map_min, levels = [], [], [], []
+        for item in model.iter_features(loader, transform):
+            level_distances = model.level_distances(item.features)
+            predictions = model.predict_from_features(item.features, item.images.shape[-2:], level_distances)
+            scores.append(predictions.pred_score)
+            map_max.append(predictions.anomaly_map.amax(dim=(-3, -2, -1)))
+            map_min.append(predictions.anomaly_map.amin(dim=(-3, -2, -1)))
+            levels.append(level_distances)
+        scores_t, map_max_t = torch.cat(scores), torch.cat(map_max)
+        self.scores = scores_t.detach().clone()
+        self.level_scores = torch.cat(levels).detach().clone()
+        thresholds = {
+            "image_threshold": conformal_threshold(scores_t, false_alarm_rate),
+            "image_range": (scores_t.min(), scores_t.max()),
+            "pixel_threshold": conformal_threshold(map_max_t, false_alarm_rate),
+            "pixel_range": (torch.cat(map_min).min(), map_max_t.max()),
+        }
+        logger.info(
+            "Calibrated on %d held-out normal images for a false-alarm rate of %g: image threshold %.4f, mask "
+            "threshold %.4f (a normal image gets a non-empty mask with probability ≤ %g).",
+            len(scores_t),
+            false_alarm_rate,
+            float(thresholds["image_threshold"]),
+            float(thresholds["pixel_threshold"]),
+            false_alarm_rate,
+        )
+        return thresholds
+
+    def p_values(self, scores: torch.Tensor, level_scores: torch.Tensor, combination: str = "score") -> torch.Tensor:
+        """Conformal p-values (small = anomalous) of image scores ``(N,)`` and level scores ``(N, L)``.
+
+        ``combination``: ``"score"`` (the p-value of the image score, which ``pred_label`` uses), ``"levels"``
+        (one p-value per level, ``(N, L)``), or a calibrated combination of the per-level p-values:
+        ``"fisher"``, ``"simes"``, ``"cauchy"``, ``"bonferroni"`` (see docs/calibration.md).
+        """
+        choices = ["score", "levels", *LEVEL_COMBINATIONS]
+        if combination not in choices:
+            msg = f"combination={combination!r} is invalid: allowed is one of {choices}."
+            raise ValueError(msg)
+        if combination == "score":
+            return conformal_p_values(scores, self.scores)
+        levels, calibration = level_scores.to(torch.float64), self.level_scores.to(torch.float64)
+        if combination == "levels":
+            return level_p_values(levels, calibration)
+        return calibrated_combination(levels, calibration, combination)
 
 
 class CalibratedPostProcessor(PostProcessor):

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DistributedSampler
+
+from .gaussian import StreamingGaussian
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +29,29 @@ def unwrapped_model(module: nn.Module) -> nn.Module:
 
     _sync_module_states(module)
     return module
+
+
+def keep_frozen_model_unwrapped(strategy: Strategy | None) -> None:
+    """Tell a DDP strategy not to wrap the frozen Gaussian AD in ``DistributedDataParallel``.
+
+    PyTorch's DDP refuses a module without trainable parameters, which the frozen model is; its statistics
+    are all-reduced explicitly (:func:`all_reduce_statistics`). Lightning itself skips the wrapper outside
+    fitting but has no public switch for a fit without gradients, hence the strategy's model hook is replaced.
+    """
+    if isinstance(strategy, DDPStrategy):
+        strategy._setup_model = unwrapped_model
+
+
+@torch.no_grad()
+def all_reduce_statistics(gaussians: Iterable[StreamingGaussian], strategy: Any, device: torch.device) -> None:  # noqa: ANN401
+    """Sum the streamed moments over processes, so that every rank fits the same Gaussians as one process."""
+    for gaussian in gaussians:
+        accumulators = gaussian.accumulators(device=device)
+        # Any common reference point works (the moments are re-expressed exactly); use the mean shift.
+        gaussian.shift_to(strategy.reduce(accumulators["shift"].clone(), reduce_op="mean"))
+        for key, tensor in gaussian.accumulators().items():
+            if key != "shift":
+                tensor.copy_(strategy.reduce(tensor, reduce_op="sum"))
 
 
 def real_share(sampler: object, rank_samples_seen: int, batch_size: int) -> int:
@@ -58,3 +88,21 @@ def gather_workspaces(root_dir: str | Path) -> list[str]:
     dirs: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(dirs, str(Path(root_dir).resolve()))
     return [str(d) for d in dirs]
+
+
+class DistributedFit(Callback):
+    """GaussFT under DDP: an unwrapped frozen model, and one results folder (rank 0's) behind ``latest``."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """The frozen fit has no gradient to synchronise: keep it out of ``DistributedDataParallel``."""
+        if stage == TrainerFn.FITTING and not getattr(pl_module, "fine_tuning", True):
+            keep_frozen_model_unwrapped(trainer.strategy)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remove the empty folders of other ranks and point ``latest`` at rank 0's."""
+        del pl_module
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        rank_dirs = gather_workspaces(trainer.default_root_dir)
+        if trainer.is_global_zero:
+            keep_rank_zero_workspace(rank_dirs)

@@ -1,9 +1,9 @@
-"""Multi-level feature extraction from timm backbones.
+"""Multi-level feature extraction from timm backbones, and local weight files.
 
-EfficientNets get the 9-level scheme of Gaussian AD: stem, the output of each of
-the 7 stages and the head (conv + BN + activation). timm's ``features_only`` and
-``forward_intermediates`` expose only the 5 stride changes, so that path is
-written here by hand. Any other timm model uses ``forward_intermediates``.
+EfficientNets get the 9-level scheme of Gaussian AD: stem, the output of each of the 7 stages and the
+head (conv + BN + activation), from timm's ``forward_intermediates(..., extra_blocks=True)`` (the stem and
+every stage as intermediates, the head as its final output). Other timm models use their
+``forward_intermediates`` levels (``feature_info``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import load_state_dict, remap_state_dict
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
@@ -37,56 +38,48 @@ def create_backbone(name: str, pre_trained: bool, weights_path: str | Path | Non
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        msg = f"Backbone weights file '{path}' does not hold a state dict."
-        raise ValueError(msg)
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 def load_local_weights(model: nn.Module, weights_path: str | Path) -> None:
     """Load backbone weights from a local ``.pth``/``.safetensors`` file (air-gapped machines).
 
-    Keys are matched by name first. Files from other implementations with the same
-    architecture (e.g. ``efficientnet_pytorch``, whose tensors come in timm's order
-    with other names) are matched by position, and every shape must agree.
+    Keys are matched by name first. Files of other implementations of the same architecture (e.g.
+    ``efficientnet_pytorch``, whose tensors come in timm's order under other names) are matched by
+    position with timm's ``remap_state_dict``; shapes must agree and extra trailing tensors (a classifier)
+    are ignored.
     """
     path = Path(weights_path)
     if not path.is_file():
         msg = f"Backbone weights file not found: '{path}'."
         raise FileNotFoundError(msg)
-    source = _read_state_dict(path)
+    try:
+        source = load_state_dict(str(path), use_ema=False)
+    except Exception as err:
+        msg = f"Backbone weights file '{path}' could not be read as a state dict: {err}"
+        raise ValueError(msg) from err
+    if not isinstance(source, dict):
+        msg = f"Backbone weights file '{path}' does not hold a state dict."
+        raise ValueError(msg)
+    source = {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
     target = model.state_dict()
     if set(target).issubset(source):
         model.load_state_dict({k: source[k] for k in target})
         logger.info("Loaded backbone weights by name from %s", path)
         return
-    source_items = list(source.items())
-    if len(source_items) < len(target):
-        msg = f"Backbone weights file '{path}' has {len(source_items)} tensors, the backbone needs {len(target)}."
+    if len(source) < len(target):
+        msg = f"Backbone weights file '{path}' has {len(source)} tensors, the backbone needs {len(target)}."
         raise ValueError(msg)
-    mapped = {}
-    for (target_key, target_tensor), (source_key, source_tensor) in zip(target.items(), source_items, strict=False):
+    # timm's remap checks only the element count (it reshapes); a file of another architecture must fail here.
+    for (target_key, target_tensor), (source_key, source_tensor) in zip(target.items(), source.items(), strict=False):
         if target_tensor.shape != source_tensor.shape:
             msg = (
                 f"Backbone weights file '{path}' does not fit this backbone: tensor '{source_key}' has shape "
                 f"{tuple(source_tensor.shape)}, '{target_key}' needs {tuple(target_tensor.shape)}."
             )
             raise ValueError(msg)
-        mapped[target_key] = source_tensor
-    model.load_state_dict(mapped)
+    model.load_state_dict(remap_state_dict(source, model, allow_reshape=False))
     logger.info(
         "Loaded backbone weights by position from %s (%d unused trailing tensors, e.g. the classifier).",
         path,
-        len(source_items) - len(target),
+        len(source) - len(target),
     )
 
 
@@ -97,26 +90,18 @@ class MultiLevelFeatureExtractor(nn.Module):
         backbone: timm model name.
         pre_trained: Load ImageNet weights from the timm hub.
         weights_path: Local weights file; replaces the hub download.
-        levels: Indices of the levels to return; ``None`` returns all.
 
     """
 
-    def __init__(
-        self,
-        backbone: str,
-        pre_trained: bool = True,
-        weights_path: str | Path | None = None,
-        levels: Sequence[int] | None = None,
-    ) -> None:
+    def __init__(self, backbone: str, pre_trained: bool = True, weights_path: str | Path | None = None) -> None:
         super().__init__()
         self.model = create_backbone(backbone, pre_trained, weights_path)
         self.is_efficientnet = isinstance(self.model, EfficientNet)
         self.num_levels = len(self.model.blocks) + 2 if self.is_efficientnet else len(self.model.feature_info)
         self.all_levels = list(range(self.num_levels))
-        self.levels = self.validate_levels(levels, "levels")
 
     def validate_levels(self, levels: Sequence[int] | None, parameter: str) -> list[int]:
-        """Check level indices against the backbone and return them sorted and unique."""
+        """Check level indices against the backbone and return them sorted and unique (``None``: all)."""
         if levels is None:
             return list(self.all_levels)
         levels = list(levels)
@@ -129,30 +114,21 @@ class MultiLevelFeatureExtractor(nn.Module):
             raise ValueError(msg)
         return sorted(set(levels))
 
-    def forward(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
-        """Feature maps ``{level: (N, C, H, W)}`` for ``levels`` (default: ``self.levels``)."""
-        wanted = self.levels if levels is None else list(levels)
+    def forward(self, images: torch.Tensor, levels: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Feature maps ``{level: (N, C, H, W)}`` for ``levels``."""
+        wanted = sorted(levels)
         if not self.is_efficientnet:
             maps = self.model.forward_intermediates(images, indices=wanted, intermediates_only=True, stop_early=True)
             return dict(zip(wanted, maps, strict=True))
-        return self._efficientnet_levels(images, wanted)
-
-    def _efficientnet_levels(self, images: torch.Tensor, wanted: list[int]) -> dict[int, torch.Tensor]:
-        out: dict[int, torch.Tensor] = {}
-        last = max(wanted)
-        x = self.model.bn1(self.model.conv_stem(images))
-        if 0 in wanted:
-            out[0] = x
-        for index, stage in enumerate(self.model.blocks, start=1):
-            if index > last:
-                return out
-            x = stage(x)
-            if index in wanted:
-                out[index] = x
-        head = len(self.model.blocks) + 1
-        if head in wanted:
-            out[head] = self.model.bn2(self.model.conv_head(x))
-        return out
+        head = self.num_levels - 1
+        inner = [level for level in wanted if level != head]
+        if head not in wanted:
+            maps = self.model.forward_intermediates(
+                images, indices=inner, extra_blocks=True, intermediates_only=True, stop_early=True
+            )
+            return dict(zip(inner, maps, strict=True))
+        final, maps = self.model.forward_intermediates(images, indices=inner or [0], extra_blocks=True)
+        return {**dict(zip(inner, maps[: len(inner)], strict=True)), head: final}
 
     @torch.no_grad()
     def level_shapes(self, image_size: tuple[int, int]) -> dict[int, tuple[int, int, int]]:
@@ -171,3 +147,12 @@ class MultiLevelFeatureExtractor(nn.Module):
             return dict(enumerate(reductions))
         total = max(reductions)
         return {lvl: total // height for lvl, (_, height, _) in self.level_shapes((total, total)).items()}
+
+    def level_modules(self) -> dict[int, list[nn.Module]]:
+        """Backbone modules that compute each level (EfficientNets only; used to choose what to train)."""
+        model = self.model
+        modules: dict[int, list[nn.Module]] = {0: [model.conv_stem, model.bn1]}
+        for index, stage in enumerate(model.blocks, start=1):
+            modules[index] = [stage]
+        modules[len(model.blocks) + 1] = [model.conv_head, model.bn2]
+        return modules

@@ -123,17 +123,19 @@ class StreamingGaussian(nn.Module):
     Args:
         groups: Number of independent Gaussians.
         dim: Feature dimension.
+        persistent: Keep the fitted statistics in the ``state_dict`` (``False`` for working Gaussians
+            that are re-estimated anyway, e.g. the fine-tuning loss's).
 
     """
 
-    def __init__(self, groups: int, dim: int) -> None:
+    def __init__(self, groups: int, dim: int, persistent: bool = True) -> None:
         super().__init__()
         self.groups = groups
         self.dim = dim
-        self.register_buffer("mean", torch.zeros(groups, dim))
-        self.register_buffer("whitening", torch.zeros(groups, dim, dim))
-        self.register_buffer("shrinkage", torch.zeros(groups))
-        self.register_buffer("num_samples", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(groups, dim), persistent=persistent)
+        self.register_buffer("whitening", torch.zeros(groups, dim, dim), persistent=persistent)
+        self.register_buffer("shrinkage", torch.zeros(groups), persistent=persistent)
+        self.register_buffer("num_samples", torch.zeros((), dtype=torch.long), persistent=persistent)
         # Average variance trace(Σ)/dim: scales the Euclidean fine-tuning loss (an ablation); not needed to score.
         self.register_buffer("mean_variance", torch.ones(groups), persistent=False)
         self._accumulators: dict[str, torch.Tensor] | None = None

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from enum import Enum
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
@@ -15,29 +15,20 @@ from torch import nn
 from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
 from .gaussian import StreamingGaussian
+from .hyperparameters import ImageScore, MapGaussian
+from .input_checks import non_finite_features_error
 
 logger = logging.getLogger(__name__)
 
-
-class MapGaussian(str, Enum):
-    """How the heatmap Gaussians are shared over feature-map positions."""
-
-    SHARED = "shared"  # one Gaussian per level for all positions: small, shift-invariant (textures)
-    PER_POSITION = "per_position"  # PaDiM-style, one Gaussian per level and position (aligned objects)
+Features = dict[int, torch.Tensor]
 
 
-class ImageScore(str, Enum):
-    """How the image-level anomaly score is computed."""
+class FeatureBatch(NamedTuple):
+    """One batch of :meth:`GaussFTModel.iter_features`: the loader's batch, its pre-processed images, features."""
 
-    GAUSSIAN_AD = "gaussian_ad"  # the paper's: Σ over levels of the pooled-feature Mahalanobis distance
-    MAP_MAX = "map_max"  # maximum of the anomaly map
-
-
-class LossDistance(str, Enum):
-    """Distance of the fine-tuning loss."""
-
-    MAHALANOBIS = "mahalanobis"  # the paper's: distance to the induced Gaussian
-    EUCLIDEAN = "euclidean"  # ablation: a center loss, no whitening
+    batch: Any
+    images: torch.Tensor
+    features: Features
 
 
 class ModelNotFittedError(RuntimeError):
@@ -51,14 +42,26 @@ def default_map_levels(extractor: MultiLevelFeatureExtractor) -> list[int]:
     return [lvl for lvl in (1, 2, 3) if lvl < extractor.num_levels]
 
 
+def check_finite(features: Features, paths: Sequence[Any] | None, images: torch.Tensor) -> None:
+    """Raise an error naming the images (or blaming the backbone) when features hold NaN/Inf."""
+    if not all(torch.isfinite(f).all() for f in features.values()):
+        names = [str(p) for p in paths] if paths is not None else [f"image {i}" for i in range(len(images))]
+        raise non_finite_features_error(names, images)
+
+
+def pooled(features: torch.Tensor) -> torch.Tensor:
+    """Global average pooling ``(N, C, H, W)`` → ``(N, 1, C)`` (one sample per image for a 1-group Gaussian)."""
+    return features.mean(dim=(2, 3)).unsqueeze(1)
+
+
 class GaussFTModel(DynamicBufferMixin):
     """Gaussian AD on multi-level features of a (fine-tunable) timm backbone.
 
     Args:
         backbone: timm model name.
         pre_trained: Use ImageNet weights from the timm hub.
-        backbone_weights: Local weights file that replaces the hub download.
         image_size: Input size ``(H, W)`` the model is fitted at.
+        backbone_weights: Local weights file that replaces the hub download.
         levels: Levels whose pooled features give the image score (``None`` = all).
         map_levels: Levels whose feature maps give the anomaly map (``None`` = default).
         map_gaussian: ``"shared"`` or ``"per_position"``.
@@ -90,17 +93,9 @@ class GaussFTModel(DynamicBufferMixin):
         self.image_score = ImageScore(image_score)
         self.image_size = tuple(image_size)
         self.used_levels = sorted(set(self.levels) | set(self.map_levels))
-
-        strides = self.feature_extractor.level_strides()
-        deepest = max(self.used_levels, key=lambda lvl: strides[lvl])
-        if min(self.image_size) < strides[deepest]:
-            msg = (
-                f"image_size {self.image_size} is too small for backbone '{backbone}': level {deepest} has stride "
-                f"{strides[deepest]}, so both sides of image_size must be at least {strides[deepest]} px."
-            )
-            raise ValueError(msg)
+        self._check_image_size(backbone)
         shapes = self.feature_extractor.level_shapes(self.image_size)
-        self.level_dims = {lvl: shapes[lvl][0] for lvl in self.all_levels}
+        self.level_dims = {lvl: shapes[lvl][0] for lvl in self.feature_extractor.all_levels}
         self.map_sizes = {lvl: shapes[lvl][1:] for lvl in self.map_levels}
         self.image_gaussians = nn.ModuleDict({str(lvl): StreamingGaussian(1, shapes[lvl][0]) for lvl in self.levels})
         self.map_gaussians = nn.ModuleDict(
@@ -111,10 +106,16 @@ class GaussFTModel(DynamicBufferMixin):
         # Plain-bool mirror of ``is_fitted``: torch.export traces with fake buffers whose value is unknown.
         self._fitted = False
         self.register_load_state_dict_post_hook(GaussFTModel._sync_fitted)
-        # Scores of held-out normal images for the conformal thresholds (empty unless calibrated).
-        self.register_buffer("calibration_scores", torch.empty(0))
-        self.register_buffer("calibration_map_max", torch.empty(0))
-        self.register_buffer("calibration_level_scores", torch.empty(0, len(self.levels)))
+
+    def _check_image_size(self, backbone: str) -> None:
+        strides = self.feature_extractor.level_strides()
+        deepest = max(self.used_levels, key=lambda lvl: strides[lvl])
+        if min(self.image_size) < strides[deepest]:
+            msg = (
+                f"image_size {self.image_size} is too small for backbone '{backbone}': level {deepest} has stride "
+                f"{strides[deepest]}, so both sides of image_size must be at least {strides[deepest]} px."
+            )
+            raise ValueError(msg)
 
     @staticmethod
     def _sync_fitted(module: GaussFTModel, incompatible_keys: object) -> None:
@@ -126,10 +127,11 @@ class GaussFTModel(DynamicBufferMixin):
         self.is_fitted.fill_(fitted)
         self._fitted = fitted
 
-    @property
-    def all_levels(self) -> list[int]:
-        """Every level of the backbone."""
-        return self.feature_extractor.all_levels
+    def require_fitted(self, hint: str = "train it (engine.fit / anomalib train) or load a fitted checkpoint") -> None:
+        """Raise :class:`ModelNotFittedError` unless the Gaussians are fitted."""
+        if not bool(self.is_fitted):
+            msg = f"GaussFT is not fitted: {hint}."
+            raise ModelNotFittedError(msg)
 
     def _map_groups(self, level: int) -> int:
         height, width = self.map_sizes[level]
@@ -139,14 +141,35 @@ class GaussFTModel(DynamicBufferMixin):
         """All Gaussians of the model (image level, then map level)."""
         return [*self.image_gaussians.values(), *self.map_gaussians.values()]
 
-    def extract(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+    # ---- features --------------------------------------------------------------------------------
+    pooled = staticmethod(pooled)
+
+    def extract(self, images: torch.Tensor) -> Features:
         """Feature maps of every level in use."""
         return self.feature_extractor(images, self.used_levels)
 
-    @staticmethod
-    def pooled(features: torch.Tensor) -> torch.Tensor:
-        """Global average pooling ``(N, C, H, W)`` → ``(N, 1, C)``."""
-        return features.mean(dim=(2, 3)).unsqueeze(1)
+    def pooled_features(self, features: Features) -> Features:
+        """``{level: (N, 1, C)}`` pooled features of the image-score levels."""
+        return {lvl: pooled(features[lvl]) for lvl in self.levels}
+
+    @torch.no_grad()
+    def iter_features(
+        self, loader: Iterable[Any], transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Iterator[FeatureBatch]:
+        """``(batch, images, features)`` for every batch of ``loader`` (eval mode, no gradient).
+
+        The one road from a loader of raw images to features: images are moved to the model's device and
+        pre-processed with ``transform`` (the ``PreProcessor``'s). NaN/Inf features raise an error naming the
+        batch's images.
+        """
+        self.eval()
+        device = next(self.parameters()).device
+        for batch in loader:
+            images = batch.image.to(device)
+            images = transform(images) if transform is not None else images
+            features = self.extract(images)
+            check_finite(features, getattr(batch, "image_path", None), images)
+            yield FeatureBatch(batch, images, features)
 
     def _map_samples(self, level: int, features: torch.Tensor) -> torch.Tensor:
         """``(N, C, h, w)`` → samples for the level's map Gaussian."""
@@ -161,15 +184,21 @@ class GaussFTModel(DynamicBufferMixin):
             return features.reshape(n, c, h * w).transpose(1, 2)
         return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
 
+    # ---- statistics ------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_statistics(self, images: torch.Tensor, image_only: bool = False) -> dict[int, torch.Tensor]:
-        """Accumulate the sufficient statistics from a batch of normal images; returns its features."""
-        features = self.extract(images)
+    def accumulate(self, features: Features, image_only: bool = False) -> None:
+        """Add a batch of normal images' features to the streamed statistics."""
         for lvl, gaussian in self.image_gaussians.items():
-            gaussian.update(self.pooled(features[int(lvl)]))
+            gaussian.update(pooled(features[int(lvl)]))
         if not image_only:
             for lvl, gaussian in self.map_gaussians.items():
                 gaussian.update(self._map_samples(int(lvl), features[int(lvl)]))
+
+    @torch.no_grad()
+    def update_statistics(self, images: torch.Tensor, image_only: bool = False) -> Features:
+        """Accumulate the statistics of a batch of pre-processed normal images; returns its features."""
+        features = self.extract(images)
+        self.accumulate(features, image_only=image_only)
         return features
 
     def reset_statistics(self) -> None:
@@ -196,16 +225,37 @@ class GaussFTModel(DynamicBufferMixin):
                 widest,
             )
 
-    def level_distances(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+    @torch.no_grad()
+    def fit_from(
+        self,
+        loader: Iterable[Any],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        image_only: bool = False,
+        on_features: Callable[[Any, Features], None] | None = None,
+    ) -> None:
+        """Re-estimate the Gaussians from one pass over ``loader`` with the current network.
+
+        ``on_features(batch, features)`` sees every batch's features (e.g. to refit the loss's Gaussians in the
+        same pass).
+        """
+        self.reset_statistics()
+        for item in self.iter_features(loader, transform):
+            self.accumulate(item.features, image_only=image_only)
+            if on_features is not None:
+                on_features(item.batch, item.features)
+        self.fit(image_only=image_only)
+
+    # ---- scores ----------------------------------------------------------------------------------
+    def level_distances(self, features: Features) -> torch.Tensor:
         """Mahalanobis distance of the pooled features per level, ``(N, len(levels))``."""
-        squared = [g.squared_mahalanobis(self.pooled(features[int(k)])) for k, g in self.image_gaussians.items()]
+        squared = [g.squared_mahalanobis(pooled(features[int(k)])) for k, g in self.image_gaussians.items()]
         return torch.sqrt(torch.cat(squared, 1).clamp_min(0))
 
-    def pooled_image_score(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+    def pooled_image_score(self, features: Features) -> torch.Tensor:
         """The paper's image score: Σ over levels of the pooled-feature Mahalanobis distance, ``(N,)``."""
         return self.level_distances(features).sum(dim=1)
 
-    def level_maps(self, features: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    def level_maps(self, features: Features) -> list[torch.Tensor]:
         """Per-level maps ``sqrt(d² / C)`` of shape ``(N, 1, h, w)``."""
         maps = []
         for lvl, gaussian in self.map_gaussians.items():
@@ -214,41 +264,6 @@ class GaussFTModel(DynamicBufferMixin):
             squared = gaussian.squared_mahalanobis(self._map_samples(int(lvl), feats))
             maps.append(torch.sqrt(squared.clamp_min(0) / c).reshape(n, 1, h, w))
         return maps
-
-    def fine_tuning_loss(
-        self,
-        images: torch.Tensor,
-        fold_gaussians: Sequence[dict[str, StreamingGaussian]] | None = None,
-        folds: torch.Tensor | None = None,
-        distance: LossDistance | str = LossDistance.MAHALANOBIS,
-    ) -> torch.Tensor:
-        """Fine-tuning objective: mean over images, sum over levels of ``d² / C`` (≈1 per level when fitted).
-
-        ``d`` is the Mahalanobis distance (the paper's) or, as an ablation, the Euclidean distance to the
-        mean scaled by the level's average variance (a center loss). With ``fold_gaussians`` (one
-        ``{level: Gaussian}`` per fold) and ``folds`` (each image's fold), image ``i`` is scored against the
-        Gaussians of the *other* fold (cross-fitting): an out-of-sample distance, not the in-sample one of a
-        Gaussian fitted on the image itself.
-        """
-        distance = LossDistance(distance)
-
-        def squared(gaussian: StreamingGaussian, pooled: torch.Tensor) -> torch.Tensor:
-            if distance == LossDistance.EUCLIDEAN:
-                return gaussian.squared_euclidean(pooled)[:, 0]
-            return gaussian.squared_mahalanobis(pooled)[:, 0]
-
-        features = self.extract(images)
-        losses = []
-        for level, gaussian in self.image_gaussians.items():
-            pooled = self.pooled(features[int(level)])
-            if fold_gaussians is None or folds is None:
-                per_image = squared(gaussian, pooled)
-            else:
-                per_fold = torch.stack([squared(g[level], pooled) for g in fold_gaussians], 1)
-                other = (folds + 1) % len(fold_gaussians)
-                per_image = per_fold.gather(1, other[:, None])[:, 0]
-            losses.append(per_image.mean() / gaussian.dim)
-        return torch.stack(losses).sum()
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score images: ``pred_score`` ``(N,)`` and ``anomaly_map`` ``(N, 1, H, W)``."""
@@ -259,12 +274,19 @@ class GaussFTModel(DynamicBufferMixin):
         return self.predict_from_features(self.extract(images), images.shape[-2:])
 
     def predict_from_features(
-        self, features: dict[int, torch.Tensor], image_size: tuple[int, int] | torch.Size
+        self,
+        features: Features,
+        image_size: tuple[int, int] | torch.Size,
+        level_distances: torch.Tensor | None = None,
     ) -> InferenceBatch:
-        """``pred_score`` and ``anomaly_map`` (at ``image_size``) from the features of :meth:`extract`."""
+        """``pred_score`` and ``anomaly_map`` (at ``image_size``) from :meth:`extract`'s features.
+
+        ``level_distances``: :meth:`level_distances` of the same features, when the caller has them already.
+        """
         anomaly_map = self.anomaly_map_generator(self.level_maps(features), image_size)
         if self.image_score == ImageScore.MAP_MAX:
             pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         else:
-            pred_score = self.pooled_image_score(features)
+            distances = self.level_distances(features) if level_distances is None else level_distances
+            pred_score = distances.sum(dim=1)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

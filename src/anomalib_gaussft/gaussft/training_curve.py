@@ -1,25 +1,30 @@
-"""Training-curve plot of a fine-tuning run: loss, forgetting metric and the chosen epoch."""
+"""Training-curve plot of a fine-tuning run: loss, forgetting metric and the kept epoch."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-import matplotlib as mpl
-
-mpl.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def save_training_curve(history: list[dict[str, float]], best_epoch: int, path: Path) -> Path:
-    """Plot the per-epoch loss and pseudo-anomaly AUROC to ``path`` (PNG) and the history to ``.json``."""
+    """Plot the per-epoch loss and pseudo-anomaly AUROC to ``path`` (PNG) and the history to ``.json``.
+
+    Uses an explicit ``Figure`` (no pyplot): it does not touch the process's matplotlib backend.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({"best_epoch": best_epoch, "history": history}, indent=2))
     epochs = [h["epoch"] for h in history]
-    fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=110)
-    loss_axis.plot(epochs[1:], [h["loss"] for h in history[1:]], "o-", color="tab:blue", label="train loss")
-    loss_axis.set_xlabel("epoch (0 = pretrained)")
-    loss_axis.set_ylabel("Mahalanobis loss (Σ levels d²/C)", color="tab:blue")
+    figure = Figure(figsize=(7.5, 4.8), dpi=110)
+    loss_axis = figure.add_subplot()
+    trained = [h for h in history if not math.isnan(h.get("loss", math.nan))]
+    loss_axis.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], "o-", color="tab:blue", label="loss")
+    loss_axis.set_xlabel("epoch (0 = pretrained network)")
+    loss_axis.set_ylabel("training loss (Σ levels d²/C)", color="tab:blue")
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     auroc_axis = loss_axis.twinx()
     auroc_axis.plot(epochs, [h["pseudo_auroc"] for h in history], "s-", color="tab:red", label="pseudo-anomaly AUROC")
     for key in sorted(k for k in history[0] if k.startswith("auroc_") and k != "auroc_all"):
@@ -27,9 +32,9 @@ def save_training_curve(history: list[dict[str, float]], best_epoch: int, path: 
     auroc_axis.set_ylabel("held-out pseudo-anomaly AUROC", color="tab:red")
     auroc_axis.axvline(best_epoch, color="k", linestyle="--", label=f"kept epoch {best_epoch}")
     handles = loss_axis.get_legend_handles_labels()[0] + auroc_axis.get_legend_handles_labels()[0]
-    auroc_axis.legend(handles=handles, loc="lower right", fontsize=8)
+    # Below the axes, so that it never covers a curve.
+    figure.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     loss_axis.set_title("GaussFT fine-tuning: forgetting detection")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.savefig(path)
     return path

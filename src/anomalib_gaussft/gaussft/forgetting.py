@@ -1,0 +1,197 @@
+"""Catastrophic-forgetting detection while fine-tuning: pseudo-anomaly AUROC, best weights, stopping.
+
+A Lightning ``Callback``. Lightning's ``EarlyStopping`` is not subclassed on purpose: a model callback
+replaces every trainer callback of a parent type, so a subclass would silently remove a user's own
+``EarlyStopping``; and its check runs at the end of an epoch, after validation, while GaussFT must fix the
+final model *before* the datamodule's validation runs (the post-processor learns from that validation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torchmetrics.functional.classification import binary_auroc
+
+from .pseudo_anomalies import PseudoAnomalyGenerator
+from .training_curve import save_training_curve
+
+if TYPE_CHECKING:
+    from .lightning_model import GaussFT
+
+logger = logging.getLogger(__name__)
+
+
+class ForgettingCallback(Callback):
+    """Score held-out normals against their pseudo-anomalies each epoch; keep the best epoch's weights; stop.
+
+    Epoch 0 is the pretrained network, so fine-tuning never ends worse than not fine-tuning by this metric.
+    After ``patience`` epochs without improvement, or at the epoch budget, the best weights are restored and
+    the model's final fit runs, before the datamodule's validation (which runs only then: it may hold real
+    anomalies and must not steer fine-tuning). The state (history, best weights) is saved in checkpoints,
+    so an interrupted run resumes exactly.
+
+    Args:
+        patience: Epochs without improvement before stopping.
+        pseudo_anomalies: Augmentations that make pseudo-anomalies of held-out normals.
+        seed: Seed of the pseudo-anomalies (the same ones every epoch).
+
+    """
+
+    def __init__(self, patience: int, pseudo_anomalies: Sequence[str], seed: int = 0) -> None:
+        self.patience = patience
+        self.generator = PseudoAnomalyGenerator(pseudo_anomalies, seed=seed)
+        self._limit_val_batches: int | float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every epoch seen (a new run)."""
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.history: list[dict[str, float]] = []
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether ``patience`` epochs in a row failed to improve."""
+        return self.bad_epochs >= self.patience
+
+    def record(self, epoch: int, score: float, **extra: float) -> bool:
+        """Record an epoch's pseudo-anomaly AUROC; returns whether it is the new best."""
+        self.history.append({"epoch": epoch, "pseudo_auroc": score, **extra})
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @torch.no_grad()
+    def pseudo_anomaly_auroc(self, pl_module: GaussFT) -> dict[str, float]:
+        """AUROC of held-out normals vs their pseudo-anomalies (per augmentation and pooled, ``"all"``)."""
+        model = pl_module.model.eval()
+        device = pl_module.device
+
+        def scores(images: torch.Tensor) -> torch.Tensor:
+            return model.pooled_image_score(model.extract(pl_module.preprocess(images.to(device)))).cpu()
+
+        normal, anomalous = [], {kind: [] for kind in self.generator.kinds}
+        for index, batch in enumerate(pl_module.held_out.loader("held_out")):
+            normal.append(scores(batch.image))
+            for kind, images in self.generator(batch.image, index).items():
+                anomalous[kind].append(scores(images))
+        normal_scores = torch.cat(normal)
+
+        def auroc(pseudo: torch.Tensor) -> float:
+            labels = torch.cat([torch.zeros(len(normal_scores)), torch.ones(len(pseudo))]).long()
+            return float(binary_auroc(torch.cat([normal_scores, pseudo]).double(), labels))
+
+        result = {kind: auroc(torch.cat(parts)) for kind, parts in anomalous.items()}
+        result["all"] = auroc(torch.cat([torch.cat(parts) for parts in anomalous.values()]))
+        return result
+
+    def evaluate(self, trainer: Trainer, pl_module: GaussFT, epoch: int, loss: float) -> None:
+        """Refit the loss targets on the current network, score the held-out pseudo-anomalies, keep the best."""
+        start = time.perf_counter()
+        pl_module.refit_targets()
+        aurocs = self.pseudo_anomaly_auroc(pl_module)
+        improved = self.record(epoch, aurocs["all"], loss=loss, **{f"auroc_{k}": v for k, v in aurocs.items()})
+        if improved:
+            self.best_weights = {
+                k: v.detach().cpu().clone() for k, v in pl_module.model.feature_extractor.state_dict().items()
+            }
+        if epoch > 0:
+            pl_module.log_dict({"pseudo_auroc": aurocs["all"], "train_loss_epoch_mean": loss}, prog_bar=True)
+        loss_text = "pretrained network, no training yet" if epoch == 0 else f"train loss {loss:.4f}"
+        logger.info(
+            "Epoch %d (%s): pseudo-anomaly AUROC %.4f (%s)%s [evaluated in %.1fs]",
+            epoch,
+            loss_text,
+            aurocs["all"],
+            ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items() if k != "all"),
+            " *best*" if improved else "",
+            time.perf_counter() - start,
+        )
+        del trainer
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score the pretrained network (epoch 0), or, when resumed, rebuild the loss's targets."""
+        if trainer.ckpt_path is None or self.best_epoch < 0:  # a new run, not a resumed one
+            self.reset()
+            self.evaluate(trainer, pl_module, epoch=0, loss=math.nan)
+        else:
+            pl_module.refit_targets()
+        pl_module.model.train()
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,  # noqa: ANN401
+        batch: Any,  # noqa: ANN401
+        batch_idx: int,
+    ) -> None:
+        """After an epoch's last batch (before Lightning decides whether to validate): evaluate, maybe stop."""
+        del outputs, batch
+        if batch_idx + 1 < trainer.num_training_batches:
+            return
+        self.evaluate(trainer, pl_module, epoch=trainer.current_epoch + 1, loss=pl_module.epoch_loss())
+        if self.should_stop or trainer.current_epoch + 1 >= (trainer.max_epochs or 0):
+            self.finish(trainer, pl_module, reason="patience exhausted" if self.should_stop else "epoch budget used")
+        elif trainer.limit_val_batches != 0:
+            # Intermediate epochs skip the datamodule's validation: it may hold real anomalies, it must not steer
+            # fine-tuning, and the post-processor only needs the final model's outputs.
+            self._limit_val_batches = trainer.limit_val_batches
+            trainer.limit_val_batches = 0
+
+    def finish(self, trainer: Trainer, pl_module: GaussFT, reason: str) -> None:
+        """Restore the best epoch's weights, run the final fit, let validation run once, stop training."""
+        logger.info(
+            "Fine-tuning stops (%s): keeping epoch %d, pseudo-anomaly AUROC %.4f (epoch 0 = pretrained).",
+            reason,
+            self.best_epoch,
+            self.best_score,
+        )
+        if self.best_weights is not None:
+            pl_module.model.feature_extractor.load_state_dict(self.best_weights)
+        self.best_weights = None  # a torch export pickles the whole module: drop the copy
+        pl_module.finish_fit()
+        trainer.should_stop = True
+        if self._limit_val_batches is not None:
+            trainer.limit_val_batches = self._limit_val_batches
+        if trainer.is_global_zero:
+            self.write_curve(Path(trainer.default_root_dir) / "fine_tuning_curve.png")
+
+    def write_curve(self, path: Path) -> None:
+        """Write the training-curve PNG (and its JSON) of this run; a plotting failure only logs."""
+        try:
+            written = save_training_curve(self.history, self.best_epoch, path)
+            logger.info("Training curve written to %s", written)
+        except Exception:
+            logger.exception("Could not write the training curve.")
+
+    # ---- checkpoint state --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state and the best weights (safe for ``weights_only`` checkpoints)."""
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": [dict(h) for h in self.history],
+            "best_weights": self.best_weights,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.best_score = float(state_dict["best_score"])
+        self.best_epoch = int(state_dict["best_epoch"])
+        self.bad_epochs = int(state_dict["bad_epochs"])
+        self.history = [dict(h) for h in state_dict["history"]]
+        self.best_weights = state_dict.get("best_weights")

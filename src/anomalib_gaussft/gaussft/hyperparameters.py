@@ -1,0 +1,119 @@
+"""GaussFT's options: their allowed values and one check that names the parameter, its value and the range."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+import timm
+
+from .pseudo_anomalies import PSEUDO_ANOMALIES
+
+
+class MapGaussian(str, Enum):
+    """How the heatmap Gaussians are shared over feature-map positions."""
+
+    SHARED = "shared"  # one Gaussian per level for all positions: small, shift-invariant (textures)
+    PER_POSITION = "per_position"  # PaDiM-style, one Gaussian per level and position (aligned objects)
+
+
+class ImageScore(str, Enum):
+    """How the image-level anomaly score is computed."""
+
+    GAUSSIAN_AD = "gaussian_ad"  # the paper's: Σ over levels of the pooled-feature Mahalanobis distance
+    MAP_MAX = "map_max"  # maximum of the anomaly map
+
+
+class LossDistance(str, Enum):
+    """Distance of the fine-tuning loss."""
+
+    MAHALANOBIS = "mahalanobis"  # the paper's: distance to the induced Gaussian
+    EUCLIDEAN = "euclidean"  # ablation: a center loss, no whitening
+
+
+class LossGaussian(str, Enum):
+    """Which Gaussians the fine-tuning loss measures a training image against."""
+
+    CROSS_FIT = "cross_fit"  # fitted on the other half of the training images: out-of-sample distances
+    IN_SAMPLE = "in_sample"  # fitted on all training images, the scored one included
+
+
+# Hyperparameters that change the shape or meaning of the fitted statistics.
+ARCHITECTURE_KEYS = ("backbone", "image_size", "levels", "map_levels", "map_gaussian", "image_score")
+
+DEFAULT_INPUT = ((224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet defaults
+
+
+def _choice(enum: type[Enum]) -> tuple[str, Any]:
+    values = [member.value for member in enum]
+    return f"one of {values}", lambda value: value in values
+
+
+def _is_int(value: Any, low: int) -> bool:  # noqa: ANN401
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:  # noqa: ANN401
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# name → (allowed range in words, check); every check sees the raw constructor value.
+RULES: dict[str, tuple[str, Any]] = {
+    "map_gaussian": _choice(MapGaussian),
+    "image_score": _choice(ImageScore),
+    "loss_distance": _choice(LossDistance),
+    "loss_gaussian": _choice(LossGaussian),
+    "fine_tune_epochs": ("an integer ≥ 0 (0 = the frozen Gaussian AD)", lambda v: _is_int(v, 0)),
+    "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "weight_decay": ("a number ≥ 0", lambda v: _is_number(v) and v >= 0),
+    "held_out_fraction": ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
+    "patience": ("an integer ≥ 1", lambda v: _is_int(v, 1)),
+    "sigma": ("a number ≥ 0 (0 = no blur)", lambda v: _is_number(v) and v >= 0),
+    "seed": ("an integer ≥ 0", lambda v: _is_int(v, 0)),
+    "false_alarm_rate": ("null or a number in (0, 1)", lambda v: v is None or (_is_number(v) and 0 < v < 1)),
+    "pseudo_anomalies": (
+        f"a non-empty list drawn from {list(PSEUDO_ANOMALIES)}",
+        lambda v: not isinstance(v, str) and len(list(v)) > 0 and set(v) <= set(PSEUDO_ANOMALIES),
+    ),
+}
+
+
+def check_hyperparameters(values: dict[str, Any]) -> None:
+    """Raise one ``ValueError`` naming every invalid option, its value and what is allowed."""
+    problems = [
+        f"{name}={values[name]!r} is invalid: allowed is {allowed}."
+        for name, (allowed, ok) in RULES.items()
+        if name in values and not ok(values[name])
+    ]
+    if problems:
+        raise ValueError("Invalid GaussFT configuration:\n  " + "\n  ".join(problems))
+
+
+def backbone_input_config(backbone: str) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
+    """Native input size, mean and std of a timm backbone's pretrained weights (timm's data config)."""
+    name = backbone.split(".")[0]
+    if not timm.is_model(name):
+        return DEFAULT_INPUT
+    config = timm.data.resolve_data_config(pretrained_cfg=timm.get_pretrained_cfg(backbone).to_dict())
+    return tuple(config["input_size"][1:]), tuple(config["mean"]), tuple(config["std"])
+
+
+def as_image_size(image_size: int | Sequence[int] | None, backbone: str) -> tuple[int, int]:
+    """``image_size`` as ``(height, width)``; ``None`` gives the backbone's native size."""
+    if image_size is None:
+        return backbone_input_config(backbone)[0]
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or any(not _is_int(s, 1) for s in size):
+        msg = f"image_size={image_size!r} is invalid: allowed is a positive int or [height, width]."
+        raise ValueError(msg)
+    return size
+
+
+def same_value(first: Any, second: Any) -> bool:  # noqa: ANN401
+    """Compare hyperparameters by value (checkpoints store tuples as lists)."""
+
+    def plain(value: Any) -> Any:  # noqa: ANN401
+        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+    return plain(first) == plain(second)
