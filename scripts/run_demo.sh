@@ -25,10 +25,9 @@ anomalib train --model GaussFT --data MVTec --data.root "$DATA" --data.category 
 CKPT=$(ls -t $(find "$OUT" -name "*.ckpt") | head -1)
 
 echo "== 3/4 export to OpenVINO ($CKPT)"
-anomalib export --model GaussFT --model.backbone tf_efficientnet_lite0 --model.pre_trained false \
-  --export_type openvino --onnx_kwargs '{"opset_version": 18}' --ckpt_path "$CKPT" --default_root_dir "$OUT/export"
+anomalib export --model GaussFT --export_type openvino --ckpt_path "$CKPT" --default_root_dir "$OUT/export"
 XML=$(find "$OUT/export" -name "model.xml" | head -1)
 
 echo "== 4/4 OpenVINO inference on the test images -> $OUT/inference"
-python3 -m anomalib_gaussft.infer --model "$XML" --input "$DATA/$CATEGORY/test" --output "$OUT/inference"
+anomalib-gaussft-infer --model "$XML" --input "$DATA/$CATEGORY/test" --output "$OUT/inference"
 echo "Done: heatmaps in $OUT/inference/heatmaps, scores in $OUT/inference/scores.csv, curve: $(find "$OUT" -name fine_tuning_curve.png | head -1)"

@@ -23,21 +23,9 @@ _TARGETS = ("anomalib.models", "anomalib.data")
 
 
 def _register(fullname: str) -> None:
-    module = sys.modules[fullname]
-    # Our own modules import anomalib too; while they are being imported they register
-    # themselves at their end (see anomalib_gaussft.gaussft and anomalib_gaussft.data).
-    if "anomalib_gaussft.gaussft" in sys.modules and fullname == "anomalib.models":
-        return
-    if "anomalib_gaussft.data" in sys.modules and fullname == "anomalib.data":
-        return
-    if fullname == "anomalib.models":
-        from anomalib_gaussft.gaussft import GaussFT
+    from anomalib_gaussft.registration import register
 
-        module.GaussFT = GaussFT
-    elif fullname == "anomalib.data":
-        from anomalib_gaussft.data import MVTec
-
-        module.MVTec = MVTec
+    register(fullname)
 
 
 class _PostImportLoader(importlib.abc.Loader):

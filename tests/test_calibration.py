@@ -87,6 +87,20 @@ def test_unachievable_rate_names_the_smallest_achievable_one() -> None:
         conformal_threshold(torch.randn(10), 0.05)
 
 
+@pytest.mark.slow
+def test_unachievable_rate_is_refused_before_the_first_epoch(texture_root: Path, tmp_path: Path) -> None:
+    """16 training images hold out 3: a 1% rate cannot be certified; fine-tuning must not run first."""
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, fine_tune_epochs=5, false_alarm_rate=0.01)
+    datamodule = Folder(
+        name="rate", root=texture_root / "brick", normal_dir="train/good", num_workers=0, train_batch_size=8, seed=0
+    )
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"false_alarm_rate=0\.01 .* held-out calibration images.*allowed"):
+        engine.fit(model=model, datamodule=datamodule)
+    assert engine.trainer.current_epoch == 0
+    assert model.forgetting.history == []  # not even the pretrained network was evaluated
+
+
 def _fit_normal_only(texture_root: Path, tmp_path: Path) -> tuple[GaussFT, Engine, Folder]:
     """Fit a calibrated GaussFT on a folder of good images only (Folder's defaults carve test/val from them)."""
     datamodule = Folder(

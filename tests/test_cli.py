@@ -71,19 +71,30 @@ def test_anomalib_train_then_export_on_the_console_script(texture_root: Path, tm
     checkpoints = sorted((tmp_path / "results").rglob("*.ckpt"))
     assert checkpoints, "training wrote no checkpoint"
 
-    export = _run(
-        "anomalib",
-        "export",
-        "--model",
-        "anomalib_gaussft.GaussFT",
-        *model_args,
-        "--export_type",
-        "torch",
-        "--ckpt_path",
-        str(checkpoints[-1]),
-        "--default_root_dir",
-        str(tmp_path / "export"),
-        cwd=tmp_path,
-    )
-    assert export.returncode == 0, (export.stdout + export.stderr)[-4000:]
-    assert list((tmp_path / "export").rglob("model.pt"))
+    # A checkpoint is enough: no backbone flags, no network, no ONNX options; a clean, short export.
+    checkpoint = str(checkpoints[-1])
+    tested = _run("anomalib", "test", "--model", "GaussFT", "--data", "MVTec", *common, "--ckpt_path", checkpoint,
+                  "--default_root_dir", str(tmp_path / "test"), cwd=tmp_path)  # fmt: skip
+    assert tested.returncode == 0, (tested.stdout + tested.stderr)[-4000:]
+    assert "image_AUROC" in tested.stdout + tested.stderr
+    export = _run("anomalib", "export", "--model", "GaussFT", "--export_type", "openvino", "--ckpt_path", checkpoint,
+                  "--default_root_dir", str(tmp_path / "export"), cwd=tmp_path)  # fmt: skip
+    output = export.stdout + export.stderr
+    assert export.returncode == 0, output[-4000:]
+    assert "Traceback" not in output
+    assert len(output.splitlines()) < 50, output
+    assert list((tmp_path / "export").rglob("model.xml"))
+    folder = str(texture_root / "brick" / "test" / "good")
+    predicted = _run("anomalib", "predict", "--model", "GaussFT", "--data", folder, "--ckpt_path", checkpoint,
+                     "--default_root_dir", str(tmp_path / "predict"), cwd=tmp_path)  # fmt: skip
+    assert predicted.returncode == 0, (predicted.stdout + predicted.stderr)[-4000:]
+
+
+def test_bad_option_is_refused_in_a_few_lines(tmp_path: Path) -> None:
+    result = _run("anomalib", "train", "--model", "GaussFT", "--data", "MVTec", "--model.fine_tune_epochs", "-1",
+                  "--model.pre_trained", "false", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2  # a usage error, before any model, data or training
+    output = result.stdout + result.stderr
+    assert 'Parser key "fine_tune_epochs"' in output
+    assert "-1 does not conform to restriction v>=0" in output
+    assert len(output.splitlines()) < 25, output

@@ -322,8 +322,12 @@ def test_infer_reports_unreadable_images_and_continues(
     captured = capsys.readouterr()
     assert status == 1
     assert "broken.png" in captured.err
-    assert "1 image(s) failed" in captured.err
+    assert "1 image(s) skipped" in captured.err
     assert len(_read_scores(out / "scores.csv")) == 2
+    skipped = (out / "skipped_images.csv").read_text().splitlines()
+    assert skipped[0] == "image_path,reason"
+    assert len(skipped) == 2
+    assert "broken.png" in skipped[1]
     assert len(list((out / "heatmaps").glob("*.png"))) == 2
 
 
@@ -369,8 +373,7 @@ def _image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 @pytest.mark.slow
 @pytest.mark.real_weights
-def test_fp16_and_int8_keep_the_image_auroc(real_weights: str, tmp_path: Path) -> None:
-    import openvino as ov
+def test_fp16_and_int8_keep_the_image_auroc(real_weights: dict[str, str], tmp_path: Path) -> None:
 
     from anomalib_gaussft.datasets import make_texture_dataset
 
@@ -378,7 +381,7 @@ def test_fp16_and_int8_keep_the_image_auroc(real_weights: str, tmp_path: Path) -
         tmp_path / "data", textures=("brick",), image_size=128, n_train=40, n_test_good=16, n_test_defect=16
     )
     datamodule = _datamodule(tmp_path / "data")
-    model = GaussFT(backbone=real_weights, pre_trained=True, image_size=128, **_frozen_kwargs())
+    model = GaussFT(**real_weights, pre_trained=True, image_size=128, **_frozen_kwargs())
     engine = _engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     datamodule.setup()
@@ -388,20 +391,19 @@ def test_fp16_and_int8_keep_the_image_auroc(real_weights: str, tmp_path: Path) -
         labels.append(batch.gt_label)
     images_t, labels_np = torch.cat(images), torch.cat(labels).int().numpy()
 
-    # One ONNX export, then the same conversions anomalib's to_openvino applies (saves two re-exports).
-    onnx_file = engine.export(model, ExportType.ONNX, export_root=tmp_path / "onnx", onnx_kwargs=ONNX_KWARGS)
-    fp32 = ov.convert_model(onnx_file)
-    int8 = model._post_training_quantization_ov(ov.convert_model(onnx_file), datamodule)
-    ov.save_model(fp32, tmp_path / "fp32.xml", compress_to_fp16=False)
-    ov.save_model(fp32, tmp_path / "fp16.xml", compress_to_fp16=True)
-    ov.save_model(int8, tmp_path / "int8.xml", compress_to_fp16=False)
+    paths = {
+        name: engine.export(
+            model, ExportType.OPENVINO, export_root=tmp_path / name, compression_type=compression, datamodule=datamodule
+        )
+        for name, compression in (("fp32", None), ("fp16", CompressionType.FP16), ("int8", CompressionType.INT8_PTQ))
+    }
 
     model.eval()
     with torch.no_grad():
         torch_scores = model(images_t).pred_score.numpy()
     auroc = {"torch": _image_auroc(torch_scores, labels_np)}
     for name in ("fp32", "fp16", "int8"):
-        scores = _run_openvino(tmp_path / f"{name}.xml", images_t)["pred_score"].reshape(-1)
+        scores = _run_openvino(paths[name], images_t)["pred_score"].reshape(-1)
         assert np.isfinite(scores).all(), name
         auroc[name] = _image_auroc(scores, labels_np)
     print("image AUROC:", {k: round(v, 4) for k, v in auroc.items()})

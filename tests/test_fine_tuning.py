@@ -317,3 +317,19 @@ def test_layers_past_the_deepest_loss_level_are_not_trained() -> None:
     assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="trainable_levels"):
         _tiny(fine_tune_epochs=1, levels=[0, 1, 2, 3], map_levels=[2, 3], trainable_levels=[3, 5])
+
+
+def test_forgetting_auroc_ranks_raw_distances_like_sklearn() -> None:
+    """GaussFT's scores are distances in the hundreds: the metric must rank them, not squash them."""
+    from sklearn.metrics import roc_auc_score
+
+    from anomalib_gaussft.gaussft.forgetting import separation_auroc
+
+    generator = torch.Generator().manual_seed(0)
+    normal = 300 + 50 * torch.randn(40, generator=generator)
+    anomalous = 340 + 60 * torch.randn(60, generator=generator)
+    anomalous[:5] = normal[:5]  # ties count one half
+    expected = roc_auc_score([0] * 40 + [1] * 60, torch.cat([normal, anomalous]).numpy())
+    assert 0.6 < expected < 0.95
+    assert separation_auroc(normal, anomalous) == pytest.approx(expected, abs=1e-6)
+    assert separation_auroc(normal, normal + 1e4) == 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -145,6 +147,8 @@ def test_local_weights_file_loads_by_name_and_by_position(tmp_path) -> None:
     torch.save({f"_other.{i}": v for i, v in enumerate(state.values())} | {"_fc.weight": torch.zeros(3, 2)}, renamed)
     for path in (by_name, renamed):
         model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(path))
+        assert model.model.feature_extractor.weights_pending  # loaded when first needed (fit or first use)
+        model.model.feature_extractor.ensure_weights()
         loaded = model.model.feature_extractor.model.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
@@ -152,19 +156,74 @@ def test_local_weights_file_loads_by_name_and_by_position(tmp_path) -> None:
 def test_local_weights_of_another_architecture_are_rejected(tmp_path) -> None:
     path = tmp_path / "wrong.pth"
     torch.save({f"w{i}": torch.zeros(i + 1) for i in range(500)}, path)
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(path))
     with pytest.raises(ValueError, match=r"wrong\.pth"):
-        GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(path))
-    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
-        GaussFT(
-            backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(tmp_path / "missing.pth")
-        )
+        model.model.feature_extractor.ensure_weights()
+    missing = GaussFT(
+        backbone=TINY_BACKBONE, pre_trained=False, image_size=64, backbone_weights=str(tmp_path / "no.pth")
+    )
+    with pytest.raises(FileNotFoundError, match=r"no\.pth"):
+        missing.model.feature_extractor.ensure_weights()
 
 
-def test_checkpoint_of_another_configuration_is_refused(tmp_path) -> None:
+def test_a_checkpoint_supplies_the_weights_so_none_are_loaded(tmp_path) -> None:
+    """A model restored from a checkpoint needs neither the hub nor the training machine's weights file."""
+    fitted = _fitted()
+    restored = GaussFT(
+        backbone=TINY_BACKBONE, pre_trained=True, image_size=64, backbone_weights=str(tmp_path / "gone.pth")
+    )
+    restored.load_state_dict(fitted.state_dict())
+    assert not restored.model.feature_extractor.weights_pending
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval().model(images).pred_score, fitted.model(images).pred_score)
+
+
+def test_missing_hub_weights_fail_at_once_and_name_the_fixes() -> None:
+    import time
+
+    from anomalib_gaussft.gaussft.feature_extractor import WeightsUnavailableError
+
+    model = GaussFT()  # the paper's B4, whose weights are not in the offline cache the tests use
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as error:
+        model.model.feature_extractor.ensure_weights()
+    assert time.perf_counter() - start < 10
+    message = str(error.value)
+    assert "tf_efficientnet_b4" in message
+    assert "--model.backbone_weights" in message
+    assert "--model.pre_trained false" in message
+    assert len(message.splitlines()) <= 3
+
+
+def test_checkpoint_architecture_is_adopted_for_inference(tmp_path) -> None:
     model = _fitted()
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
-    other = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, map_gaussian="per_position")
-    with pytest.raises(ValueError, match="map_gaussian: checkpoint 'shared' vs model 'per_position'"):
-        other.on_load_checkpoint(checkpoint)
+    other = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=96, map_gaussian="per_position")
+    other.on_load_checkpoint(checkpoint)  # no trainer fitting: the checkpoint's architecture is taken
+    assert other.hparams.map_gaussian == "shared"
+    assert other.model.image_size == (64, 64)
+    assert list(other.pre_processor.transform.transforms[0].size) == [64, 64]
+    other.load_state_dict(checkpoint["state_dict"])
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval().model(images).pred_score, model.model(images).pred_score)
     same = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
     same.on_load_checkpoint(checkpoint)  # no error
+
+
+def test_the_config_file_lists_every_option_with_its_default() -> None:
+    import inspect
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "gaussft.yaml").read_text())
+    listed = config["model"]["init_args"]
+    components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
+    parameters = {
+        k: v for k, v in inspect.signature(GaussFT.__init__).parameters.items() if k not in {"self", *components}
+    }
+    assert set(listed) == set(parameters)
+    for name, parameter in parameters.items():
+        default = list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+        assert listed[name] == default, name

@@ -23,13 +23,13 @@ def _fit_frozen(model: GaussFT, datamodule: MVTecAD) -> None:
 
 @pytest.mark.parametrize("category", ["brick", "gravel"])
 def test_synthetic_defects_on_real_textures_score_higher(
-    real_weights: str, texture_root_large: Path, category: str
+    real_weights: dict[str, str], texture_root_large: Path, category: str
 ) -> None:
     datamodule = MVTecAD(
         root=texture_root_large, category=category, train_batch_size=8, eval_batch_size=8, num_workers=0
     )
     datamodule.setup()
-    model = GaussFT(backbone=real_weights, pre_trained=True, image_size=160)
+    model = GaussFT(**real_weights, pre_trained=True, image_size=160)
     _fit_frozen(model, datamodule)
     scores, labels, maps, masks = [], [], [], []
     with torch.no_grad():

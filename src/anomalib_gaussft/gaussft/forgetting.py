@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.functional.classification import binary_auroc
 
 from .pseudo_anomalies import PseudoAnomalyGenerator
@@ -26,6 +27,18 @@ if TYPE_CHECKING:
     from .lightning_model import GaussFT
 
 logger = logging.getLogger(__name__)
+
+
+def separation_auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
+    """AUROC of scores (higher = more anomalous) of normal vs anomalous samples; ties count one half.
+
+    torchmetrics' ``binary_auroc`` passes scores outside [0, 1] through a sigmoid, which maps GaussFT's raw
+    distances (in the hundreds) all to 1.0; a min-max rescaling keeps their order and ties instead.
+    """
+    scores = torch.cat([normal, anomalous]).double()
+    scores = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(torch.finfo(torch.float64).tiny)
+    labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
+    return float(binary_auroc(scores, labels))
 
 
 class ForgettingCallback(Callback):
@@ -88,12 +101,8 @@ class ForgettingCallback(Callback):
                 anomalous[kind].append(scores(images))
         normal_scores = torch.cat(normal)
 
-        def auroc(pseudo: torch.Tensor) -> float:
-            labels = torch.cat([torch.zeros(len(normal_scores)), torch.ones(len(pseudo))]).long()
-            return float(binary_auroc(torch.cat([normal_scores, pseudo]).double(), labels))
-
-        result = {kind: auroc(torch.cat(parts)) for kind, parts in anomalous.items()}
-        result["all"] = auroc(torch.cat([torch.cat(parts) for parts in anomalous.values()]))
+        result = {kind: separation_auroc(normal_scores, torch.cat(parts)) for kind, parts in anomalous.items()}
+        result["all"] = separation_auroc(normal_scores, torch.cat([torch.cat(parts) for parts in anomalous.values()]))
         return result
 
     def evaluate(self, trainer: Trainer, pl_module: GaussFT, epoch: int, loss: float) -> None:
@@ -188,8 +197,15 @@ class ForgettingCallback(Callback):
             "best_weights": self.best_weights,
         }
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Only a resumed fit takes the saved state (a test after it must not roll the history back)."""
+        del pl_module, checkpoint
+        self._resuming = trainer.state.fn == TrainerFn.FITTING
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`."""
+        """Restore from :meth:`state_dict` when resuming a fit."""
+        if not getattr(self, "_resuming", True):
+            return
         self.best_score = float(state_dict["best_score"])
         self.best_epoch = int(state_dict["best_epoch"])
         self.bad_epochs = int(state_dict["bad_epochs"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,7 +101,10 @@ class HeldOutSplit:
             dataset = trainer.train_dataloader.dataset
         batch_size = getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "train_batch_size", None) or 8
         collate = getattr(datamodule, "external_collate_fn", None) or getattr(dataset, "collate_fn", None)
-        return cls(dataset, fraction, seed, batch_size, getattr(datamodule, "num_workers", 0), collate)
+        # No more workers than cores: anomalib's default of 8 made torch warn at every loader on small machines.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(getattr(datamodule, "num_workers", 0), cores)
+        return cls(dataset, fraction, seed, batch_size, workers, collate)
 
     def is_held_out(self, paths: Sequence[Any]) -> list[bool]:
         """Whether each path is a held-out image."""

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import timm
+from jsonargparse.typing import (  # noqa: F401 - re-exported: the types of GaussFT's signature
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+)
 
 from .pseudo_anomalies import PSEUDO_ANOMALIES
 
@@ -38,6 +45,14 @@ class LossGaussian(str, Enum):
     CROSS_FIT = "cross_fit"  # fitted on the other half of the training images: out-of-sample distances
     IN_SAMPLE = "in_sample"  # fitted on all training images, the scored one included
 
+
+# Option types of GaussFT's signature: anomalib's CLI (jsonargparse) checks them while parsing and reports a bad
+# value in a few lines (key, value, restriction) before anything runs.
+MapGaussianName = Literal["shared", "per_position"]
+ImageScoreName = Literal["gaussian_ad", "map_max"]
+LossDistanceName = Literal["mahalanobis", "euclidean"]
+LossGaussianName = Literal["cross_fit", "in_sample"]
+PseudoAnomalyName = Literal["mixup", "cutmix", "cutout", "augmix"]
 
 # Hyperparameters that change the shape or meaning of the fitted statistics.
 ARCHITECTURE_KEYS = ("backbone", "image_size", "levels", "map_levels", "map_gaussian", "image_score")
@@ -107,7 +122,25 @@ def as_image_size(image_size: int | Sequence[int] | None, backbone: str) -> tupl
     if len(size) != 2 or any(not _is_int(s, 1) for s in size):
         msg = f"image_size={image_size!r} is invalid: allowed is a positive int or [height, width]."
         raise ValueError(msg)
-    return size
+    return int(size[0]), int(size[1])
+
+
+def plain(value: Any) -> Any:  # noqa: ANN401
+    """``value`` with jsonargparse's restricted ints/floats as plain ``int``/``float``, containers recursively.
+
+    Checkpoints load with ``weights_only=True``, which refuses other classes.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def same_value(first: Any, second: Any) -> bool:  # noqa: ANN401

@@ -145,3 +145,25 @@ def check_dataloaders(dataloaders: Any, where: str) -> None:  # noqa: ANN401 - a
     loaders = dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]
     groups = [dataset_image_paths(getattr(loader, "dataset", None)) for loader in loaders]
     check_images([path for group in groups if group for path in group], where)
+
+
+def skip_unusable_images(dataloaders: Any) -> dict[str, str]:  # noqa: ANN401 - a DataLoader, a list of them or None
+    """Drop unreadable images from the datasets of ``dataloaders`` (before predicting); ``{path: reason}`` of each.
+
+    Handles anomalib's ``PredictDataset`` (``image_filenames``) and its datasets (``samples``); other datasets are
+    left as they are.
+    """
+    skipped: dict[str, str] = {}
+    for loader in dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]:
+        dataset = getattr(loader, "dataset", None)
+        problems = find_unusable_images(dataset_image_paths(dataset) or [])
+        if not problems:
+            continue
+        if isinstance(getattr(dataset, "image_filenames", None), list):
+            dataset.image_filenames = [p for p in dataset.image_filenames if str(p) not in problems]
+        elif getattr(dataset, "samples", None) is not None:
+            dataset.samples = dataset.samples[~dataset.samples["image_path"].astype(str).isin(problems)]
+        else:
+            continue
+        skipped.update(problems)
+    return skipped

@@ -27,18 +27,19 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchmetrics import MeanMetric
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from .calibration import CalibratedPostProcessor, Calibrator
-from .distributed import DistributedFit, all_reduce_statistics, real_share
+from . import hyperparameters as hp
+from .calibration import CalibratedPostProcessor, Calibrator, check_achievable_rate
+from .distributed import DistributedFit, all_reduce_statistics, real_share, zero_loss
 from .fitted_guards import FittedModelGuards
 from .forgetting import ForgettingCallback
 from .held_out import HeldOutSplit
-from .hyperparameters import as_image_size, backbone_input_config, check_hyperparameters
 from .input_checks import check_fit_data, non_finite_features_error
 from .loss import GaussianLoss
+from .pre_processor import GaussFTPreProcessor
 from .pseudo_anomalies import PSEUDO_ANOMALIES
-from .torch_model import GaussFTModel, ModelNotFittedError, check_finite
+from .shuffle import SeededShuffle
+from .torch_model import GaussFTModel, check_finite
 from .trainable_layers import freeze_batchnorm, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -90,48 +91,40 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         backbone: str = "tf_efficientnet_b4",
         pre_trained: bool = True,
         backbone_weights: str | None = None,
-        image_size: int | Sequence[int] | None = None,
-        levels: Sequence[int] | None = None,
-        map_levels: Sequence[int] | None = None,
-        map_gaussian: str = "shared",
-        image_score: str = "gaussian_ad",
-        sigma: float = 4.0,
-        fine_tune_epochs: int = 10,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 1e-4,
-        trainable_levels: Sequence[int] | None = None,
+        image_size: hp.PositiveInt | Sequence[hp.PositiveInt] | None = None,
+        levels: Sequence[hp.NonNegativeInt] | None = None,
+        map_levels: Sequence[hp.NonNegativeInt] | None = None,
+        map_gaussian: hp.MapGaussianName = "shared",
+        image_score: hp.ImageScoreName = "gaussian_ad",
+        sigma: hp.NonNegativeFloat = 4.0,
+        fine_tune_epochs: hp.NonNegativeInt = 10,
+        learning_rate: hp.PositiveFloat = 3e-4,
+        weight_decay: hp.NonNegativeFloat = 1e-4,
+        trainable_levels: Sequence[hp.NonNegativeInt] | None = None,
         freeze_batchnorm: bool = True,
-        held_out_fraction: float = 0.2,
-        pseudo_anomalies: Sequence[str] = PSEUDO_ANOMALIES,
-        patience: int = 3,
-        loss_gaussian: str = "cross_fit",
-        loss_distance: str = "mahalanobis",
-        false_alarm_rate: float | None = None,
-        seed: int = 0,
+        held_out_fraction: hp.OpenUnitInterval = 0.2,
+        pseudo_anomalies: Sequence[hp.PseudoAnomalyName] = PSEUDO_ANOMALIES,
+        patience: hp.PositiveInt = 3,
+        loss_gaussian: hp.LossGaussianName = "cross_fit",
+        loss_distance: hp.LossDistanceName = "mahalanobis",
+        false_alarm_rate: hp.OpenUnitInterval | None = None,
+        seed: hp.NonNegativeInt = 0,
         pixel_aupro: bool = False,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        check_hyperparameters(locals())
+        hp.check_hyperparameters(locals())
         if evaluator is True:
             evaluator = self.configure_evaluator(pixel_aupro=pixel_aupro)
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
-        self.model: GaussFTModel = GaussFTModel(
-            backbone=backbone,
-            pre_trained=pre_trained,
-            backbone_weights=str(backbone_weights) if backbone_weights else None,
-            image_size=as_image_size(image_size, backbone),
-            levels=levels,
-            map_levels=map_levels,
-            map_gaussian=map_gaussian,
-            image_score=image_score,
-            sigma=sigma,
-        )
-        self.fine_tune_epochs = fine_tune_epochs
+        # Plain ints/floats (the CLI passes jsonargparse's restricted types, which weights_only checkpoints refuse).
+        self.hparams.update(hp.plain(dict(self.hparams)))
+        self.model: GaussFTModel = self.build_model()
+        self.fine_tune_epochs = self.hparams.fine_tune_epochs
         # The frozen fit has nothing to optimise: manual optimisation lets its steps return no loss (also under
         # DDP, where automatic optimisation refuses a skipped step).
         self.automatic_optimization = self.fine_tuning
@@ -145,9 +138,22 @@ class GaussFT(FittedModelGuards, AnomalibModule):
             self.loss = GaussianLoss(
                 {lvl: self.model.level_dims[lvl] for lvl in self.model.levels}, loss_gaussian, loss_distance
             )
-            self.forgetting = ForgettingCallback(patience, pseudo_anomalies, seed)
+            self.forgetting = ForgettingCallback(
+                self.hparams.patience, self.hparams.pseudo_anomalies, self.hparams.seed
+            )
         self.epoch_loss_metric = MeanMetric()  # DDP-synced mean of the epoch's training loss
         self._samples_seen = 0
+
+    def build_model(self) -> GaussFTModel:
+        """The torch model for the current hyperparameters (pretrained weights load when first needed)."""
+        h = self.hparams
+        return GaussFTModel(
+            backbone=h.backbone,
+            pre_trained=h.pre_trained,
+            backbone_weights=str(h.backbone_weights) if h.backbone_weights else None,
+            image_size=hp.as_image_size(h.image_size, h.backbone),
+            **{key: h[key] for key in ("levels", "map_levels", "map_gaussian", "image_score", "sigma")},
+        )
 
     @property
     def fine_tuning(self) -> bool:
@@ -184,9 +190,9 @@ class GaussFT(FittedModelGuards, AnomalibModule):
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
         """Resize to the backbone's native size and normalise with its own mean/std (timm's data config)."""
         backbone = self.hparams.get("backbone", "tf_efficientnet_b4")
-        size = image_size or as_image_size(self.hparams.get("image_size"), backbone)
-        _, mean, std = backbone_input_config(backbone)
-        return PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean=mean, std=std)]))
+        size = image_size or hp.as_image_size(self.hparams.get("image_size"), backbone)
+        _, mean, std = hp.backbone_input_config(backbone)
+        return GaussFTPreProcessor(size, mean, std)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """AdamW on the trainable backbone layers; none for the frozen Gaussian AD."""
@@ -196,9 +202,9 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's component callbacks, what DDP needs, and the forgetting check while fine-tuning."""
+        """Anomalib's components, what DDP needs; when fine-tuning also a seeded shuffle and the forgetting check."""
         callbacks = [*super().configure_callbacks(), DistributedFit()]
-        return [*callbacks, self.forgetting] if self.forgetting is not None else callbacks
+        return [*callbacks, SeededShuffle(self.hparams.seed), self.forgetting] if self.fine_tuning else callbacks
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -211,6 +217,11 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         return LearningType.ONE_CLASS
 
     # ---- fitting ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Before fitting (not resuming: the checkpoint has them), load the backbone's pretrained weights."""
+        if stage == "fit" and self.trainer.ckpt_path is None:
+            self.model.feature_extractor.ensure_weights()
+
     def on_fit_start(self) -> None:
         """Check the training images; split off the held-out normals when fine-tuning or calibrating."""
         check_fit_data(getattr(self.trainer, "datamodule", None))
@@ -221,17 +232,16 @@ class GaussFT(FittedModelGuards, AnomalibModule):
                 p for p, used in (("forgetting detection", self.fine_tuning), ("calibration", self.calibrating)) if used
             ]
             logger.info("%s: %s", "Fine-tuning" if self.fine_tuning else "Fitting", self.held_out.describe(purposes))
+            if self.calibrating:  # refuse an unachievable rate now, not after fine-tuning
+                check_achievable_rate(len(self.held_out.held_out_indices), self.hparams.false_alarm_rate)
 
     def on_train_epoch_start(self) -> None:
-        """Reset the per-epoch state; fine-tuning: seeded shuffle, train mode with frozen BatchNorm."""
+        """Reset the per-epoch state; fine-tuning: train mode with frozen BatchNorm."""
         self.epoch_loss_metric.reset()
         self._samples_seen = 0
         if not self.fine_tuning:
             self.model.reset_statistics()
             return
-        # The training loader's shuffle draws from the global RNG when its iterator is created, right after
-        # this hook: seeding it per epoch makes a resumed run see the same batches as an uninterrupted one.
-        torch.manual_seed(self.hparams.seed * 100_003 + self.current_epoch)
         self.model.train()
         if self.hparams.freeze_batchnorm:
             freeze_batchnorm(self.model)
@@ -239,13 +249,18 @@ class GaussFT(FittedModelGuards, AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor | None:
         """Frozen: accumulate statistics. Fine-tuning: loss of the images that are not held out."""
         del args, kwargs
+        if not self.fine_tuning and self._trainer is not None:
+            # Without an optimiser step global_step stays 0, and anomalib's ModelCheckpoint skips saving when it has
+            # not moved: a step of Lightning's no-op optimiser counts the batch (as PaDiM's automatic loop does).
+            self.optimizers().step()
         sampler = getattr(self._trainer.train_dataloader, "sampler", None) if self._trainer is not None else None
         real = real_share(sampler, self._samples_seen, len(batch.image_path))  # skip DDP sampler padding
         self._samples_seen += len(batch.image_path)
         held = self.held_out.is_held_out(batch.image_path) if self.held_out is not None else [False] * real
         keep = [index < real and not held[index] for index in range(len(batch.image_path))]
-        if not any(keep):
-            return self._zero_loss()
+        if not any(keep):  # under DDP every rank must still run backward
+            distributed = self._trainer is not None and self._trainer.world_size > 1
+            return zero_loss(self.model.feature_extractor) if self.fine_tuning and distributed else None
         images = batch.image[torch.tensor(keep, device=batch.image.device)]
         paths = [str(p) for p, k in zip(batch.image_path, keep, strict=True) if k]
         if not self.fine_tuning:
@@ -263,15 +278,6 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         self.epoch_loss_metric.update(loss.detach(), weight=len(images))
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
         return loss
-
-    def _zero_loss(self) -> torch.Tensor | None:
-        """A batch without trainable images: ``None``, or under DDP a zero loss that reaches every parameter.
-
-        DDP's gradient all-reduce needs every rank to run backward at every step.
-        """
-        if not self.fine_tuning or self._trainer is None or self.trainer.world_size <= 1:
-            return None
-        return sum(p.sum() for p in self.model.feature_extractor.parameters() if p.requires_grad) * 0.0
 
     def epoch_loss(self) -> float:
         """Mean training loss of the current epoch over all images (and processes)."""
@@ -339,11 +345,4 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         ``"levels"`` (one p-value per level, ``(N, L)``), or a calibrated combination of the per-level
         p-values: ``"fisher"``, ``"simes"``, ``"cauchy"``, ``"bonferroni"`` (docs/calibration.md).
         """
-        if not self.calibrator.is_calibrated:
-            msg = "No calibration: fit GaussFT with false_alarm_rate set to get p-values."
-            raise ModelNotFittedError(msg)
-        with torch.no_grad():
-            features = self.model.extract(images)
-            distances = self.model.level_distances(features)
-            scores = self.model.predict_from_features(features, images.shape[-2:], level_distances=distances)
-        return self.calibrator.p_values(scores.pred_score, distances, combination)
+        return self.calibrator.p_values_of(self.model, images, combination)
