@@ -24,12 +24,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import BACKBONE, BASELINES, build_model, machine_description, mvtec_datamodule
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HF_CACHE = REPO_ROOT.parent / "shared" / "hf-cache" / "hub"
-BACKBONE = "tf_efficientnet_lite0"
 REFERENCE = "GaussFT OpenVINO FP32"
 
 
@@ -56,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-runs", type=int, default=6, help="batched calls per model (over all rounds)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore coreset sampling ratio")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: one per logical core)")
     parser.add_argument("--work-dir", type=Path, default=None, help="data, checkpoints and exports (default: temp)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "results_inference.md")
     return parser.parse_args(argv)
@@ -86,69 +85,15 @@ class Row:
 # ---- models ------------------------------------------------------------------------------------
 
 
-def _frozen_gaussft_kwargs() -> dict[str, Any]:
-    from anomalib_gaussft import GaussFT
-
-    return {"fine_tune_epochs": 0} if "fine_tune_epochs" in inspect.signature(GaussFT.__init__).parameters else {}
-
-
-def _pre_processor(image_size: int) -> Any:
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
-
-    from anomalib_gaussft.gaussft.lightning_model import backbone_input_config
-
-    _, mean, std = backbone_input_config(BACKBONE)
-    return PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
-
-
-def _load_feature_extractor_weights(feature_net: Any, weights: Path) -> None:
-    """Copy local backbone weights into a timm ``features_only`` net (PaDiM/PatchCore)."""
-    from anomalib_gaussft.gaussft.feature_extractor import create_backbone
-
-    full = create_backbone(BACKBONE, pre_trained=False, weights_path=weights).state_dict()
-    wanted = feature_net.state_dict()
-    missing = [k for k in wanted if k not in full]
-    if missing:
-        msg = f"backbone weights lack {len(missing)} tensors of the feature extractor, e.g. {missing[:3]}"
-        raise ValueError(msg)
-    feature_net.load_state_dict({k: full[k] for k in wanted})
-
-
 def build_models(args: argparse.Namespace) -> dict[str, Any]:
-    from anomalib.models import Padim, Patchcore
-
-    from anomalib_gaussft import GaussFT
-
-    pre_trained = args.backbone_weights is None
-    size = args.image_size
-    gaussft = GaussFT(
-        backbone=BACKBONE,
-        pre_trained=True,
-        backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
-        image_size=size,
-        **_frozen_gaussft_kwargs(),
-    )
-    # timm's features_only names for lite0: blocks.1/2/4 = strides 4/8/16 (PaDiM's layer1-3),
-    # blocks.2/4 = strides 8/16 (PatchCore's layer2-3).
-    padim = Padim(
-        backbone=BACKBONE,
-        layers=["blocks.1", "blocks.2", "blocks.4"],
-        pre_trained=pre_trained,
-        n_features=100,
-        pre_processor=_pre_processor(size),
-    )
-    patchcore = Patchcore(
-        backbone=BACKBONE,
-        layers=["blocks.2", "blocks.4"],
-        pre_trained=pre_trained,
-        coreset_sampling_ratio=args.coreset_ratio,
-        pre_processor=_pre_processor(size),
-    )
-    if args.backbone_weights is not None:
-        for model in (padim, patchcore):
-            _load_feature_extractor_weights(model.model.feature_extractor.feature_extractor, args.backbone_weights)
-    return {"GaussFT": gaussft, "PaDiM": padim, "PatchCore": patchcore}
+    """GaussFT (frozen), PaDiM and PatchCore on the benchmark backbone (PaDiM/PatchCore: ``common.BASELINES``)."""
+    size, weights = args.image_size, args.backbone_weights
+    patchcore = {**BASELINES["patchcore"], "coreset_sampling_ratio": args.coreset_ratio}
+    return {
+        "GaussFT": build_model("gaussft", {"fine_tune_epochs": 0}, size, weights),
+        "PaDiM": build_model("padim", dict(BASELINES["padim"]), size, weights),
+        "PatchCore": build_model("patchcore", patchcore, size, weights),
+    }
 
 
 def export_backbone(path: Path, image_size: int, weights: Path | None) -> Path:
@@ -234,35 +179,18 @@ def time_rows(rows: list[Row], images: Any, args: argparse.Namespace) -> None:
                 row.batch_seconds.append(time.perf_counter() - start)
 
 
-def machine_description() -> list[str]:
-    import anomalib
+def machine_lines() -> list[str]:
+    """The machine section: CPU, cores, RAM, vector ISA, library versions (torch's and OpenVINO's build strings)."""
     import openvino
     import torch
 
-    cpu = platform.processor() or "unknown CPU"
-    flags: set[str] = set()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("Flags:"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    memory = ""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        total_kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
-        memory = f", {total_kb / 2**20:.0f} GiB RAM"
-    import numpy as np
-
+    info = machine_description()
+    memory = f", {info['ram_gib']:.0f} GiB RAM" if "ram_gib" in info else ""
     return [
-        f"- CPU: {cpu}, {os.cpu_count()} logical cores visible{memory}; ISA: {', '.join(isa) or 'n/a'}",
+        f"- CPU: {info['cpu']}, {info['logical_cores']} logical cores visible{memory}; ISA: "
+        f"{', '.join(info['isa']) or 'n/a'}",
         f"- torch {torch.__version__} ({torch.get_num_threads()} threads), OpenVINO {openvino.__version__}, "
-        f"anomalib {anomalib.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}",
+        f"anomalib {info['anomalib']}, numpy {info['numpy']}, Python {info['python']}, {info['os']}",
     ]
 
 
@@ -321,7 +249,7 @@ def render(rows: list[Row], args: argparse.Namespace, context: dict[str, Any]) -
             "",
             "## Machine",
             "",
-            *machine_description(),
+            *machine_lines(),
             f"- Load average (1 min) before / after timing: {context['load_before']:.2f} / "
             f"{context['load_after']:.2f} (a shared machine: other processes compete for the cores)",
             f"- Total script time: {context['elapsed']:.0f} s",
@@ -348,16 +276,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-    from anomalib.data import MVTecAD
     from anomalib.deploy import CompressionType, ExportType
     from anomalib.engine import Engine
     from sklearn.metrics import roc_auc_score
 
-    from anomalib_gaussft.datasets import make_texture_dataset
+    from data_generators import make_texture_dataset
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("anomalib").setLevel(logging.WARNING)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(0)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_inference_"))
@@ -371,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         n_test_defect=args.n_test,
     )
 
-    def datamodule() -> MVTecAD:
-        return MVTecAD(root=data_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    def datamodule() -> Any:
+        return mvtec_datamodule(data_root, "brick", train_batch_size=8, eval_batch_size=8)
 
     test = datamodule()
     test.setup()

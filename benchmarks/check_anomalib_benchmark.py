@@ -121,7 +121,7 @@ def expected_jobs(config: dict[str, Any]) -> Counter[Key]:
 
 def smoke_config(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Derive the smoke-test config: tiny generated dataset, random weights, CPU, no loader workers."""
-    from anomalib_gaussft.datasets import make_texture_dataset
+    from data_generators import make_texture_dataset
 
     root = workdir / "datasets" / "smoke_textures"
     make_texture_dataset(root, textures=(SMOKE_TEXTURE,), image_size=64, n_train=12, n_test_good=4, n_test_defect=4)

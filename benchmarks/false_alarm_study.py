@@ -22,8 +22,8 @@ from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshol
 from scipy.stats import binomtest
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.datasets import elpv_datamodule
 from anomalib_gaussft.gaussft.calibration import conformal_threshold
+from common import BACKBONE, elpv_datamodule, iter_raw_outputs
 
 RATES = (0.01, 0.05, 0.10)
 
@@ -31,21 +31,19 @@ RATES = (0.01, 0.05, 0.10)
 def study(cell_type: str, data_root: Path, held_out_fraction: float, epochs: int) -> list[str]:
     datamodule = elpv_datamodule(data_root, cell_type=cell_type)
     model = GaussFT(
-        backbone="tf_efficientnet_lite0",
+        backbone=BACKBONE,
         fine_tune_epochs=epochs,
         false_alarm_rate=0.05,
         held_out_fraction=held_out_fraction,
     )
     engine = Engine(default_root_dir=f"/tmp/false_alarm_{cell_type}", logger=False, limit_val_batches=0)
     engine.fit(model=model, datamodule=datamodule)
-    model.eval()
     scores, labels = [], []
-    with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            scores.append(model.model(model.pre_processor.transform(batch.image)).pred_score)
-            labels.append(batch.gt_label)
+    for batch, output in iter_raw_outputs(model, datamodule.test_dataloader()):
+        scores.append(output.pred_score)
+        labels.append(batch.gt_label)
     scores, labels = torch.cat(scores), torch.cat(labels).bool()
-    calibration = model.model.calibration_scores
+    calibration = model.calibrator.scores  # raw scores of the held-out normals, which took no part in the fit
     n = calibration.numel()
     rows = []
     for rate in RATES:

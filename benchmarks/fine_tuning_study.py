@@ -16,33 +16,41 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from lightning.pytorch import Trainer
 from sklearn.metrics import roc_auc_score
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.datasets import elpv_datamodule, make_texture_dataset
+from anomalib_gaussft.gaussft.forgetting import ForgettingCallback
+from common import BACKBONE, elpv_datamodule, mvtec_datamodule
+from data_generators import make_texture_dataset
 
 logger = logging.getLogger("fine_tuning_study")
 
 
-class TrackedGaussFT(GaussFT):
-    """GaussFT that also measures the real test AUROC after each epoch (analysis only)."""
+class RealAurocForgetting(ForgettingCallback):
+    """GaussFT's forgetting check that also measures the real test AUROC after each epoch (analysis only).
 
-    test_loader = None
+    The test score is the stopping rule's own score, ``pooled_image_score``, with the image Gaussians the epoch's
+    evaluation has just refitted on the fit images.
+    """
 
-    def _evaluate_epoch(self, epoch: int, loss: float) -> None:
-        super()._evaluate_epoch(epoch, loss)
+    def __init__(self, model: GaussFT, test_loader: Iterable) -> None:
+        super().__init__(model.hparams.patience, model.hparams.pseudo_anomalies, model.hparams.seed)
+        self.test_loader = test_loader
+
+    def evaluate(self, trainer: Trainer, pl_module: GaussFT, epoch: int, loss: float) -> None:
+        super().evaluate(trainer, pl_module, epoch, loss)
         scores, labels = [], []
-        with torch.no_grad():
-            for batch in self.test_loader:
-                scores.append(self._image_scores(batch.image).cpu())
-                labels.append(batch.gt_label.cpu())
+        for item in pl_module.model.iter_features(self.test_loader, pl_module.preprocess):
+            scores.append(pl_module.model.pooled_image_score(item.features).cpu())
+            labels.append(item.batch.gt_label.cpu())
         auroc = roc_auc_score(torch.cat(labels).int().numpy(), torch.cat(scores).numpy())
-        self.monitor.history[-1]["test_auroc"] = float(auroc)
+        self.history[-1]["test_auroc"] = float(auroc)
         logger.info("epoch %d: test image AUROC %.4f (not used by the stopping rule)", epoch, auroc)
 
 
@@ -50,24 +58,19 @@ def datamodule(name: str, root: Path, batch_size: int):
     if name.startswith("elpv_"):
         return elpv_datamodule(root, cell_type=name.removeprefix("elpv_"), train_batch_size=batch_size)
     make_texture_dataset(root / "textures", image_size=224, n_train=60, n_test_good=30, n_test_defect=30)
-    return MVTecAD(
-        root=root / "textures", category=name, train_batch_size=batch_size, eval_batch_size=32, num_workers=0
-    )
+    return mvtec_datamodule(root / "textures", name, train_batch_size=batch_size, eval_batch_size=32)
 
 
 def run(args: argparse.Namespace, config: dict) -> dict:
     torch.manual_seed(0)
     dm = datamodule(args.dataset, Path(args.data_root), args.batch_size)
     dm.setup()
-    model = TrackedGaussFT(
-        backbone="tf_efficientnet_lite0", fine_tune_epochs=args.epochs, patience=args.epochs, **config
-    )
-    model.test_loader = dm.test_dataloader()
+    model = GaussFT(backbone=BACKBONE, fine_tune_epochs=args.epochs, patience=args.epochs, **config)
+    model.forgetting = RealAurocForgetting(model, dm.test_dataloader())
     engine = Engine(default_root_dir=Path(args.out) / "runs" / config_name(config), logger=False, limit_val_batches=0)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=dm)
-    history = model.monitor.history
-    return {"config": config, "history": history, "seconds": time.perf_counter() - start}
+    return {"config": config, "history": model.forgetting.history, "seconds": time.perf_counter() - start}
 
 
 def config_name(config: dict) -> str:

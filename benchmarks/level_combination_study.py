@@ -32,9 +32,9 @@ import torch
 from anomalib.engine import Engine
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, Subset
 
 from anomalib_gaussft import GaussFT
-from anomalib_gaussft.datasets import elpv_datamodule
 from anomalib_gaussft.gaussft.calibration import (
     LEVEL_COMBINATIONS,
     calibrated_combination,
@@ -42,34 +42,36 @@ from anomalib_gaussft.gaussft.calibration import (
     conformal_p_values,
     level_p_values,
 )
+from common import BACKBONE, elpv_datamodule
 
 RATES = (0.01, 0.05, 0.10)
 
 
-def level_scores(model: GaussFT, loader, keep: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-level Mahalanobis distances ``(N, L)`` and labels of a loader's images (optionally a subset)."""
+def level_scores(model: GaussFT, loader) -> tuple[np.ndarray, np.ndarray]:
+    """Per-level Mahalanobis distances ``(N, L)`` and labels of a loader's images."""
     scores, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            mask = [keep is None or str(p) in keep for p in batch.image_path]
-            if not any(mask):
-                continue
-            images = model.pre_processor.transform(batch.image[torch.tensor(mask)])
-            features = model.model.extract(images)
-            scores.append(model.model.level_distances(features).cpu())
-            labels.append(batch.gt_label[torch.tensor(mask)].cpu())
+    for item in model.model.iter_features(loader, model.preprocess):
+        scores.append(model.model.level_distances(item.features).cpu())
+        labels.append(item.batch.gt_label.cpu())
     return torch.cat(scores).double().numpy(), torch.cat(labels).int().numpy()
+
+
+def images_of(datamodule, paths: frozenset[str]) -> DataLoader:
+    """A loader of the datamodule's training images whose paths are in ``paths``, in dataset order."""
+    dataset = datamodule.train_data
+    indices = [i for i, path in enumerate(dataset.samples["image_path"]) if str(path) in paths]
+    return DataLoader(
+        Subset(dataset, indices), batch_size=datamodule.eval_batch_size, shuffle=False, collate_fn=dataset.collate_fn
+    )
 
 
 def study(cell_type: str, data_root: Path, held_out_fraction: float) -> dict:
     datamodule = elpv_datamodule(data_root, cell_type=cell_type)
-    model = GaussFT(
-        backbone="tf_efficientnet_lite0", fine_tune_epochs=0, false_alarm_rate=0.05, held_out_fraction=held_out_fraction
-    )
+    model = GaussFT(backbone=BACKBONE, fine_tune_epochs=0, false_alarm_rate=0.05, held_out_fraction=held_out_fraction)
     engine = Engine(default_root_dir=f"/tmp/level_combination_{cell_type}", logger=False, limit_val_batches=0)
     engine.fit(model=model, datamodule=datamodule)
-    model.eval()
-    calibration, _ = level_scores(model, datamodule.train_dataloader(), keep=model._held_out_paths)
+    # The calibration normals: held out of the fit (GaussFT releases the split's dataset after fitting, its paths stay).
+    calibration, _ = level_scores(model, images_of(datamodule, model.held_out.held_out_paths))
     test, labels = level_scores(model, datamodule.test_dataloader())
     return {"calibration": calibration.tolist(), "test": test.tolist(), "labels": labels.tolist()}
 

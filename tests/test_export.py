@@ -374,8 +374,7 @@ def _image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 @pytest.mark.slow
 @pytest.mark.real_weights
 def test_fp16_and_int8_keep_the_image_auroc(real_weights: dict[str, str], tmp_path: Path) -> None:
-
-    from anomalib_gaussft.datasets import make_texture_dataset
+    from data_generators import make_texture_dataset
 
     make_texture_dataset(
         tmp_path / "data", textures=("brick",), image_size=128, n_train=40, n_test_good=16, n_test_defect=16

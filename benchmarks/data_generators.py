@@ -1,4 +1,4 @@
-"""Small real-image datasets for tests and quick experiments.
+"""Small real-image datasets for tests, benchmarks and the demo (not part of the installed package).
 
 Two generators write folders that anomalib's datamodules read directly:
 
@@ -19,8 +19,10 @@ Example:
 
 CLI::
 
-    python -m anomalib_gaussft.datasets textures --root /tmp/tex --image-size 128
-    python -m anomalib_gaussft.datasets elpv --root /tmp/elpv --cell-type mono
+    python benchmarks/data_generators.py textures --root /tmp/tex --image-size 128
+    python benchmarks/data_generators.py elpv --root /tmp/elpv --cell-type mono
+
+Needs scikit-image (textures) and ``elpv-dataset`` (ELPV): the ``test`` extra installs both.
 
 """
 
@@ -102,7 +104,7 @@ def _build_atomically(final: Path, meta: dict[str, Any], write: Callable[[Path],
     if _is_complete(final, meta):
         return json.loads((final / _MARKER).read_text())["counts"]
     if final.exists() and not (final / _MARKER).is_file():
-        msg = f"{final} exists and was not written by {__name__}; remove it or choose another root."
+        msg = f"{final} exists and was not written by {Path(__file__).name}; remove it or choose another root."
         raise FileExistsError(msg)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -485,33 +487,6 @@ def make_elpv_dataset(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def elpv_datamodule(
-    root: str | Path,
-    cell_type: str = "mono",
-    image_size: int = 224,
-    train_batch_size: int = 16,
-    eval_batch_size: int = 32,
-) -> Any:  # noqa: ANN401 - anomalib.data.Folder, imported lazily
-    """An ``anomalib.data.Folder`` over :func:`make_elpv_dataset`'s tree (built if missing).
-
-    Validation = the labelled test split (``same_as_test``), as the benchmarks use it; ``num_workers=0``.
-    """
-    from anomalib.data import Folder
-
-    return Folder(
-        name=f"elpv_{cell_type}",
-        root=make_elpv_dataset(Path(root), cell_type=cell_type, image_size=image_size),
-        normal_dir="train/good",
-        normal_test_dir="test/good",
-        abnormal_dir="test/defect",
-        train_batch_size=train_batch_size,
-        eval_batch_size=eval_batch_size,
-        num_workers=0,
-        val_split_mode="same_as_test",
-        seed=0,
-    )
-
-
 def _print_counts(folder: Path, subdirs: Sequence[str]) -> None:
     """Print the number of PNG files per split of ``folder``."""
     counts = ", ".join(f"{sub}: {_count_pngs(folder / sub)}" for sub in subdirs)
@@ -519,9 +494,9 @@ def _print_counts(folder: Path, subdirs: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point (``python -m anomalib_gaussft.datasets {textures,elpv} ...``)."""
+    """Command-line entry point (``python benchmarks/data_generators.py {textures,elpv} ...``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m anomalib_gaussft.datasets", description="Write small anomaly-detection datasets."
+        prog="python benchmarks/data_generators.py", description="Write small anomaly-detection datasets."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
