@@ -6,8 +6,9 @@ already imported, ``get_model``/``get_datamodule`` look names up as attributes o
 :func:`install` at interpreter start-up. That costs one finder object and no
 import: the finder stays inert until some code imports ``anomalib.models`` or
 ``anomalib.data``; right after those modules finish loading it adds ``GaussFT``
-(and ``MVTec``) to them and removes itself. A process that never imports
-anomalib is not changed in any other way. Set ``ANOMALIB_GAUSSFT_NO_HOOK=1`` to
+(and ``MVTec``) to them; after ``anomalib.cli.cli`` it makes the CLI print
+GaussFT's user errors without a traceback; then it removes itself. A process
+that never imports anomalib is not changed in any other way. Set ``ANOMALIB_GAUSSFT_NO_HOOK=1`` to
 disable it.
 """
 
@@ -19,13 +20,16 @@ import os
 import sys
 import warnings
 
-_TARGETS = ("anomalib.models", "anomalib.data")
+_TARGETS = ("anomalib.models", "anomalib.data", "anomalib.cli.cli")
 
 
 def _register(fullname: str) -> None:
-    from anomalib_gaussft.registration import register
+    from anomalib_gaussft.registration import register, short_cli_errors
 
-    register(fullname)
+    if fullname == "anomalib.cli.cli":
+        short_cli_errors(sys.modules[fullname])
+    else:
+        register(fullname)
 
 
 class _PostImportLoader(importlib.abc.Loader):

@@ -98,3 +98,16 @@ def test_bad_option_is_refused_in_a_few_lines(tmp_path: Path) -> None:
     assert 'Parser key "fine_tune_epochs"' in output
     assert "-1 does not conform to restriction v>=0" in output
     assert len(output.splitlines()) < 25, output
+
+
+@pytest.mark.slow
+def test_missing_weights_are_one_short_error_on_the_cli(texture_root: Path, tmp_path: Path) -> None:
+    result = _run("anomalib", "train", "--model", "GaussFT", "--data", "MVTec", "--data.root", str(texture_root),
+                  "--data.category", "brick", "--data.num_workers", "0", "--model.backbone", "tf_efficientnet_b0",
+                  "--model.image_size", "64", "--default_root_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "error: ImageNet weights for backbone 'tf_efficientnet_b0' are unavailable" in output
+    assert "--model.backbone_weights" in output
+    assert "Traceback" not in output
+    assert len(output.splitlines()) < 40, output

@@ -26,6 +26,8 @@ from timm.models import load_pretrained, load_state_dict, remap_state_dict
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
+from anomalib_gaussft.errors import GaussFTUserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +35,7 @@ class UnknownBackboneError(ValueError):
     """Raised when a backbone name is not a timm model."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(GaussFTUserError, RuntimeError):
     """Raised when ImageNet weights are neither cached nor downloadable; the message names the fixes."""
 
 

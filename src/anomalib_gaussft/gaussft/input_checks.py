@@ -19,12 +19,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
+from anomalib_gaussft.errors import GaussFTUserError
+
 # Modes whose values PIL's convert("RGB") clips to 0..255 (and truncates to integers) instead of rescaling.
 HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 MIN_TRAINING_IMAGES = 2
 
 
-class UnusableImagesError(ValueError):
+class UnusableImagesError(GaussFTUserError, ValueError):
     """Image files that cannot be read, or that anomalib's loader would damage; ``problems`` maps path → reason."""
 
     def __init__(self, problems: dict[str, str], where: str) -> None:
