@@ -30,6 +30,27 @@ def level_series(run: dict, key: str, relative: bool = False) -> np.ndarray:
     return arr / arr[0] if relative else arr
 
 
+CHANNELS = [32, 16, 24, 40, 80, 112, 192, 320, 1280]  # tf_efficientnet_lite0's 9 levels
+
+
+def shrunk_min_eigenvalue(run: dict) -> np.ndarray:
+    """Smallest eigenvalue of the Ledoit-Wolf covariance, (1-s)·λ_min + s·tr/C, per epoch and level.
+
+    The whitened loss's curvature along that direction is ∝ its inverse. λ_min of the empirical covariance
+    is 0 when C ≥ n (levels 4-8 here): the shrinkage term alone then sets it.
+    """
+    n = run["n_fit"]
+    out = []
+    for h in run["history"]:
+        row = []
+        for i, lvl in enumerate(LEVELS):
+            d = h["levels"][lvl]
+            lam = 0.0 if CHANNELS[i] >= n else d["eig_min_nonzero"]
+            row.append((1 - d["shrinkage"]) * lam + d["shrinkage"] * d["trace"] / CHANNELS[i])
+        out.append(row)
+    return np.array(out)
+
+
 def diagnosis_plot(run: dict, out: Path) -> None:
     epochs = [h["epoch"] for h in run["history"]]
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
@@ -45,14 +66,18 @@ def diagnosis_plot(run: dict, out: Path) -> None:
     colors = plt.cm.viridis(np.linspace(0, 1, 9))
     panels = [
         (axes[0, 1], "trace", True, "total variance tr(Σ_t)/tr(Σ_0)", True),
-        (axes[0, 2], "eig_top", True, "top eigenvalue λ_max(t)/λ_max(0)", True),
+        (axes[0, 2], "shrunk_min", True, "min eigenvalue of the shrunk Σ (1/curvature), rel. to epoch 0", True),
         (axes[0, 3], "eig_min_nonzero", True, "smallest non-zero eigenvalue λ_min(t)/λ_min(0)", True),
         (axes[1, 0], "participation_ratio", False, "effective rank (participation ratio)", True),
         (axes[1, 1], "feature_norm", True, "mean pooled feature norm ‖f‖(t)/‖f‖(0)", False),
         (axes[1, 2], "d2_out_of_fold", False, "out-of-fold d²/C (cross-fit loss at epoch start)", True),
     ]
     for ax, key, rel, title, log in panels:
-        series = level_series(run, key, rel)
+        if key == "shrunk_min":
+            series = shrunk_min_eigenvalue(run)
+            series = series / series[0]
+        else:
+            series = level_series(run, key, rel)
         for i, lvl in enumerate(LEVELS):
             ax.plot(epochs, series[:, i], "o-", color=colors[i], ms=3, label=f"level {lvl}")
         if log:
