@@ -109,13 +109,16 @@ def curves_plot(runs: list[dict], names: list[str], out: Path) -> None:
             epochs = [h["epoch"] for h in sel[0]["history"]]
             for col, key in enumerate(["loss", "pseudo_auroc", "test_auroc"]):
                 vals = np.array([[h[key] for h in r["history"]] for r in sel], dtype=float)
+                if key == "loss":  # relative to each run's minimum: the issue's stability criterion (≤ 2)
+                    vals = vals / np.nanmin(vals, 1, keepdims=True)
                 mean = np.nanmean(vals, 0)
                 (line,) = axes[row, col].plot(epochs, mean, "o-", ms=3, label=f"{name} (n={len(sel)})")
                 if len(sel) > 1:
                     std = np.nanstd(vals, 0)
                     axes[row, col].fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         axes[row, 0].set_yscale("log")
-        axes[row, 0].set_title(f"{dataset}: training loss (Mahalanobis term)")
+        axes[row, 0].axhline(2.0, color="red", lw=0.8, ls="--")
+        axes[row, 0].set_title(f"{dataset}: epoch loss / its minimum (≤ 2 required)")
         axes[row, 1].set_title(f"{dataset}: pseudo-anomaly AUROC (selection signal)")
         axes[row, 2].set_title(f"{dataset}: real test AUROC (analysis only)")
         for ax in axes[row]:
@@ -167,6 +170,36 @@ def table(runs: list[dict], names: list[str], rule: str) -> str:
     return "\n".join(lines)
 
 
+def final_table(runs: list[dict], rows: list[tuple[str, str, str]], sets: list[str]) -> str:
+    """Markdown: frozen and (name, rule, label) rows, mean ± std over seeds per set, + mean over sets of Δ."""
+    lines = [
+        "| model | " + " | ".join(sets) + " | mean Δ (real sets) | worst seed Δ |",
+        "| --- | " + " | ".join("---" for _ in sets) + " | --- | --- |",
+    ]
+    real = [s for s in sets if s.startswith(("elpv", "bsdata"))]
+    frozen_cells = []
+    for s in sets:
+        vals = {r["seed"]: r["selections"]["frozen"]["test_auroc"] for r in runs if r["dataset"] == s}
+        frozen_cells.append(f"{fmt(list(vals.values()))} (n={len(vals)})" if vals else "—")
+    lines.append("| frozen | " + " | ".join(frozen_cells) + " | 0 | 0 |")
+    for name, rule, label in rows:
+        cells, deltas, worst = [], {}, []
+        for s in sets:
+            sel = [r for r in runs if r["dataset"] == s and r["name"] == name]
+            if not sel:
+                cells.append("—")
+                continue
+            vals = [r["selections"][rule]["test_auroc"] for r in sel]
+            d = [r["selections"][rule]["test_auroc"] - r["selections"]["frozen"]["test_auroc"] for r in sel]
+            deltas[s] = np.mean(d)
+            worst += d
+            cells.append(f"{fmt(vals)} (Δ {100 * np.mean(d):+.1f}, n={len(sel)})")
+        real_d = [deltas[s] for s in real if s in deltas]
+        mean_real = f"{100 * np.mean(real_d):+.2f} ({len(real_d)} sets)" if real_d else "—"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean_real} | {100 * min(worst):+.1f} |")
+    return "\n".join(lines)
+
+
 def loss_ratio_table(runs: list[dict], names: list[str]) -> str:
     """Max over epochs of (epoch loss / min epoch loss) per run: the issue's ≤ 2× criterion."""
     sets = sorted({r["dataset"] for r in runs})
@@ -199,6 +232,8 @@ def main() -> None:
         run.setdefault("name", Path(path).stem)
         diagnosis_plot(run, out / f"diagnosis_{Path(path).stem}.png")
     curves_plot(runs, names, out / "levers_curves.png")
+    final = [n for n in ("base", "late_schedule-warmup_cosine") if n in names]
+    curves_plot(runs, final, out / "levers_final_curves.png")
     text = []
     for rule in ("best_pseudo_epoch", "wise", "last"):
         text += [f"### test image AUROC (%) of the model kept by rule `{rule}`", "", table(runs, names, rule), ""]
