@@ -21,7 +21,7 @@ LEVELS = [str(i) for i in range(9)]
 
 
 def load(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*__seed*.json"))]
 
 
 def level_series(run: dict, key: str, relative: bool = False) -> np.ndarray:
