@@ -15,7 +15,8 @@ CPU thread(s), one after the other:
 
 Example:
     export PYTHONPATH=src HF_HUB_CACHE=/work/shared/hf-cache/hub HF_HUB_OFFLINE=1
-    nice -n 10 python3 benchmarks/fine_tuning_cost.py --dataset elpv_poly --out docs/fine_tuning/levers/cost_elpv_poly.json
+    nice -n 10 python3 benchmarks/fine_tuning_cost.py --dataset elpv_poly \\
+        --out docs/fine_tuning/levers/cost_elpv_poly.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fine_tuning_levers as flv  # noqa: E402
+import fine_tuning_levers as flv
 
 RECIPE = {
     "min_trainable_level": 5,
@@ -101,7 +102,9 @@ def main() -> None:
     result["patchcore_patches"] = n_patches
     result["patchcore_coreset_probe"] = {"selections": args.coreset_probe, "seconds": probe_s}
     result["patchcore_coreset_extrapolated_s"] = probe_s * target / args.coreset_probe
-    result["patchcore_fit_extrapolated_s"] = result["patchcore_embedding_s"] + result["patchcore_coreset_extrapolated_s"]
+    result["patchcore_fit_extrapolated_s"] = (
+        result["patchcore_embedding_s"] + result["patchcore_coreset_extrapolated_s"]
+    )
     print(json.dumps(result, indent=1))
     out.write_text(json.dumps(result, indent=1))
 

@@ -26,17 +26,20 @@ Levers (``--set key=value`` overrides any field of :class:`Config`):
 * ``min_trainable_level``: train levels ≥ k only (``0`` = all). Lower levels are computed once and cached.
 * ``distance``: ``mahalanobis`` (paper) or ``euclidean`` (center loss scaled by the mean variance).
 
-Example (one set, one seed, one configuration; ~4 min on one CPU thread):
+Example (one set, one seed, one configuration; ~3 min for `late` runs, ~8 min for full-network runs on one
+CPU thread of a shared machine):
 
     export PYTHONPATH=src HF_HUB_CACHE=/work/shared/hf-cache/hub HF_HUB_OFFLINE=1
     nice -n 10 python3 benchmarks/fine_tuning_levers.py --dataset elpv_poly --seed 0 --config base \\
         --out docs/fine_tuning/levers
+    # the recommended recipe (docs/fine_tuning.md):
+    nice -n 10 python3 benchmarks/fine_tuning_levers.py --dataset elpv_poly --seed 0 --config late \\
+        --set schedule=warmup_cosine
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -46,13 +49,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomalib_gaussft.gaussft.feature_extractor import MultiLevelFeatureExtractor
 from anomalib_gaussft.gaussft.fine_tuning import freeze_batchnorm, held_out_split, set_trainable
-from anomalib_gaussft.gaussft.gaussian import StreamingGaussian, ledoit_wolf_from_moments, robust_cholesky
+from anomalib_gaussft.gaussft.gaussian import StreamingGaussian, robust_cholesky
 from anomalib_gaussft.gaussft.pseudo_anomalies import PSEUDO_ANOMALIES, PseudoAnomalyGenerator
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -183,7 +185,10 @@ class Net:
                 x = model.blocks[index - 1](x)
                 pooled[index].append(x.mean((2, 3)))
             inputs.append(x)
-        return {"input": torch.cat(inputs).contiguous(memory_format=torch.channels_last), "pooled": {k: torch.cat(v) for k, v in pooled.items()}}
+        return {
+            "input": torch.cat(inputs).contiguous(memory_format=torch.channels_last),
+            "pooled": {k: torch.cat(v) for k, v in pooled.items()},
+        }
 
     def features(self, cache: dict, index: torch.Tensor | slice) -> dict[int, torch.Tensor]:
         x = cache["input"][index]
@@ -263,7 +268,7 @@ def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run(dataset: str, seed: int, config: Config, max_train: int, max_test: int, log, analysis: bool = True) -> dict:  # noqa: C901, PLR0915
+def run(dataset: str, seed: int, config: Config, max_train: int, max_test: int, log, analysis: bool = True) -> dict:
     t_start = time.perf_counter()
     data = load_dataset(dataset, max_train, max_test)
     fit_idx, held_idx = held_out_split(data["train_paths"], 0.2, seed)
@@ -310,7 +315,9 @@ def run(dataset: str, seed: int, config: Config, max_train: int, max_test: int, 
         held_f = net.all_features(caches["held"])
         pseudo_f = net.all_features(caches["pseudo"])
         target, diag = fit_target(fit_f, diagnostics=analysis)
-        fold_targets = [fit_target({k: v[folds == j] for k, v in fit_f.items()}, diagnostics=False)[0] for j in range(2)]
+        fold_targets = [
+            fit_target({k: v[folds == j] for k, v in fit_f.items()}, diagnostics=False)[0] for j in range(2)
+        ]
         s_held = image_scores(target, held_f)
         s_pseudo = image_scores(target, pseudo_f)
         res = {
@@ -333,8 +340,12 @@ def run(dataset: str, seed: int, config: Config, max_train: int, max_test: int, 
             diag[lvl]["d2_in_sample"] = float(target.squared(lvl, fit_f[lvl], "mahalanobis").mean() / c)
             diag[lvl]["d2_out_of_fold"] = float(oof.gather(1, other[:, None]).mean() / c)
             diag[lvl]["d2_held_out"] = float(target.squared(lvl, held_f[lvl], "mahalanobis").mean() / c)
-            diag[lvl]["d2_test_good"] = float(target.squared(lvl, test_f[lvl][test_labels == 0], "mahalanobis").mean() / c)
-            diag[lvl]["d2_test_bad"] = float(target.squared(lvl, test_f[lvl][test_labels == 1], "mahalanobis").mean() / c)
+            diag[lvl]["d2_test_good"] = float(
+                target.squared(lvl, test_f[lvl][test_labels == 0], "mahalanobis").mean() / c
+            )
+            diag[lvl]["d2_test_bad"] = float(
+                target.squared(lvl, test_f[lvl][test_labels == 1], "mahalanobis").mean() / c
+            )
         res["levels"] = {str(k): v for k, v in diag.items()}
         return res, fit_f, target, fold_targets
 
@@ -517,7 +528,9 @@ def main() -> None:
     for item in args.set:
         key, value = item.split("=", 1)
         default = getattr(Config(), key)
-        values[key] = type(default)(value) if not isinstance(default, tuple) else tuple(float(v) for v in value.split(","))
+        values[key] = (
+            type(default)(value) if not isinstance(default, tuple) else tuple(float(v) for v in value.split(","))
+        )
         assert key in fields
     config = Config(**values)
     name = args.name or "_".join([args.config, *[s.replace("=", "-") for s in args.set]])

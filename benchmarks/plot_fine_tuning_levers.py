@@ -145,9 +145,7 @@ def table(runs: list[dict], names: list[str], rule: str) -> str:
     for r in runs:
         frozen[r["dataset"]][r["seed"]] = r["selections"]["frozen"]["test_auroc"]
     lines.append(
-        "| frozen | "
-        + " | ".join(f"{fmt(list(frozen[s].values()))} (n={len(frozen[s])})" for s in sets)
-        + " | 0 |"
+        "| frozen | " + " | ".join(f"{fmt(list(frozen[s].values()))} (n={len(frozen[s])})" for s in sets) + " | 0 |"
     )
     for name in names:
         cells, deltas = [], []
