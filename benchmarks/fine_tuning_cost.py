@@ -61,6 +61,7 @@ def main() -> None:
     # Frozen GaussFT fit.
     t0 = time.perf_counter()
     extractor = flv.MultiLevelFeatureExtractor(flv.BACKBONE, pre_trained=True)
+    extractor.ensure_weights()
     extractor.to(memory_format=torch.channels_last).eval()
     load_s = time.perf_counter() - t0
     net = flv.Net(extractor, 0)

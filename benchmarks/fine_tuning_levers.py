@@ -53,9 +53,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomalib_gaussft.gaussft.feature_extractor import MultiLevelFeatureExtractor
-from anomalib_gaussft.gaussft.fine_tuning import freeze_batchnorm, held_out_split, set_trainable
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian, robust_cholesky
+from anomalib_gaussft.gaussft.held_out import held_out_split
 from anomalib_gaussft.gaussft.pseudo_anomalies import PSEUDO_ANOMALIES, PseudoAnomalyGenerator
+from anomalib_gaussft.gaussft.trainable_layers import freeze_batchnorm, set_trainable
 
 BACKBONE = "tf_efficientnet_lite0"
 IMAGE_SIZE = 224
@@ -288,6 +289,7 @@ def run(dataset: str, seed: int, config: Config, max_train: int, max_test: int, 
 
     torch.manual_seed(seed)
     extractor = MultiLevelFeatureExtractor(BACKBONE, pre_trained=True)
+    extractor.ensure_weights()  # ImageNet weights load when first needed
     extractor.to(memory_format=torch.channels_last).eval()
     start = config.min_trainable_level
     trainable = set_trainable(extractor, list(range(start, 9)) if start > 0 else None, LEVELS)
