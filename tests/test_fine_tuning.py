@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,10 @@ def test_fine_tuning_steps_lower_the_mahalanobis_loss() -> None:
     model = _tiny(fine_tune_epochs=1, learning_rate=1e-3)
     images = torch.rand(16, 3, 64, 64)
     _fit_gaussians(model, images)
-    optimizer = model.configure_optimizers()
+    from anomalib_gaussft.gaussft.trainable_layers import fine_tuning_optimizer
+
+    trainable = [p for p in model.model.parameters() if p.requires_grad]
+    optimizer = fine_tuning_optimizer(trainable, 1e-3, 1e-4, "constant", total_steps=10, epochs=1)["optimizer"]
     model.model.train()
     losses = []
     for _ in range(10):
@@ -164,7 +168,8 @@ class _ScriptedForgetting(ForgettingCallback):
     def pseudo_anomaly_auroc(self, pl_module) -> dict[str, float]:
         real = super().pseudo_anomaly_auroc(pl_module)  # exercise the real code path too
         assert 0.0 <= real["all"] <= 1.0
-        return {"all": self.sequence[len(self.history)]}
+        self.calls = getattr(self, "calls", 0) + 1
+        return {"all": self.sequence[self.calls - 1]}
 
     def evaluate(self, trainer, pl_module, epoch: int, loss: float) -> None:
         self.snapshots[epoch] = {k: v.clone() for k, v in pl_module.model.feature_extractor.state_dict().items()}
@@ -176,7 +181,8 @@ class _Scripted(GaussFT):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.forgetting = _ScriptedForgetting(self.hparams.patience, self.hparams.pseudo_anomalies)
+        h = self.hparams
+        self.forgetting = _ScriptedForgetting(h.patience, h.pseudo_anomalies, h.seed, h.wise_alphas)
         self.trained_paths: list[str] = []
         self.validation_batches = 0
         self.held_out_dataset = None
@@ -202,8 +208,14 @@ class _Scripted(GaussFT):
 @pytest.mark.slow
 def test_stopping_rule_restores_the_best_epoch_and_never_trains_on_held_out(texture_root: Path, tmp_path: Path) -> None:
     seed_everything(0)
-    model = _Scripted(
-        backbone=TINY_BACKBONE, pre_trained=False, image_size=64, fine_tune_epochs=6, patience=2, learning_rate=1e-2
+    model = _Scripted(  # the paper's rule: keep the best epoch
+        backbone=TINY_BACKBONE,
+        pre_trained=False,
+        image_size=64,
+        fine_tune_epochs=6,
+        patience=2,
+        wise_alphas=None,
+        learning_rate=1e-2,
     )
     datamodule = _datamodule(texture_root)
     engine = Engine(default_root_dir=tmp_path, logger=False)
@@ -229,6 +241,63 @@ def test_stopping_rule_restores_the_best_epoch_and_never_trains_on_held_out(text
     # the final model was fixed: it cannot have influenced the stopping decision.
     assert model.validation_batches == len(datamodule.val_dataloader())
     assert (Path(engine.trainer.default_root_dir) / "fine_tuning_curve.png").is_file()
+
+
+class _ScriptedInterpolation(_Scripted):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # epochs 0-2, then α = .25, .5, .75 (α = 0 and 1 reuse epochs 0 and 2): .5 and .75 tie, the smaller wins
+        self.forgetting.sequence = (0.50, 0.60, 0.70, 0.65, 0.80, 0.80)
+
+
+@pytest.mark.slow
+def test_wise_ft_keeps_the_interpolation_with_the_best_pseudo_auroc(texture_root: Path, tmp_path: Path) -> None:
+    from anomalib_gaussft.gaussft.weight_interpolation import trainable_weights
+
+    seed_everything(0)
+    model = _ScriptedInterpolation(
+        backbone=TINY_BACKBONE, pre_trained=False, image_size=64, fine_tune_epochs=2, learning_rate=1e-2
+    )
+    Engine(default_root_dir=tmp_path, logger=False).fit(model=model, datamodule=_datamodule(texture_root))
+    forgetting = model.forgetting
+    assert [h["epoch"] for h in forgetting.history] == [0, 1, 2]  # no patience: the whole budget
+    assert [(r["alpha"], r["pseudo_auroc"]) for r in forgetting.interpolation] == [
+        (0.0, 0.5), (0.25, 0.65), (0.5, 0.8), (0.75, 0.8), (1.0, 0.7)
+    ]  # fmt: skip
+    assert forgetting.kept_alpha == 0.5
+    kept = trainable_weights(model.model.feature_extractor)
+    assert kept, "fine-tuning trained nothing"
+    start, last = forgetting.snapshots[0], forgetting.snapshots[2]
+    for name, value in kept.items():
+        torch.testing.assert_close(value, 0.5 * start[name] + 0.5 * last[name], rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(start[n], last[n]) for n in kept)  # the end points differ: a real interpolation
+    assert forgetting.pretrained is None  # dropped after use (a torch export pickles the module)
+
+
+def test_warmup_cosine_schedule() -> None:
+    from anomalib_gaussft.gaussft.trainable_layers import warmup_cosine
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine(optimizer, warmup_steps=4, total_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warm-up
+    assert rates[4] == pytest.approx(1.0)  # then a cosine from the peak ...
+    assert rates[8] == pytest.approx(0.5)
+    assert all(a > b for a, b in itertools.pairwise(rates[4:]))  # ... decreasing towards 0
+    assert rates[-1] < 0.05
+
+
+def test_default_trains_the_deeper_half_of_an_efficientnet() -> None:
+    lite = GaussFT(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=64, fine_tune_epochs=1)
+    assert lite.trainable_levels == [5, 6, 7, 8]
+    backbone = lite.model.feature_extractor.model
+    assert not any(p.requires_grad for p in backbone.blocks[3].parameters())  # level 4
+    assert all(p.requires_grad for p in backbone.blocks[4].parameters())  # level 5
+    assert _tiny(fine_tune_epochs=1).trainable_levels == [4, 5, 6]  # 7-level test backbone
 
 
 @pytest.mark.slow

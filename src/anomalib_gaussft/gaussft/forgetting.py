@@ -22,6 +22,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from .pseudo_anomalies import PseudoAnomalyGenerator
 from .training_curve import save_training_curve
+from .weight_interpolation import load_interpolation, trainable_weights
 
 if TYPE_CHECKING:
     from .lightning_model import GaussFT
@@ -42,24 +43,39 @@ def separation_auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
 
 
 class ForgettingCallback(Callback):
-    """Score held-out normals against their pseudo-anomalies each epoch; keep the best epoch's weights; stop.
+    """Score held-out normals against their pseudo-anomalies each epoch; choose the weights to keep; stop.
 
-    Epoch 0 is the pretrained network, so fine-tuning never ends worse than not fine-tuning by this metric.
-    After ``patience`` epochs without improvement, or at the epoch budget, the best weights are restored and
-    the model's final fit runs, before the datamodule's validation (which runs only then: it may hold real
-    anomalies and must not steer fine-tuning). The state (history, best weights) is saved in checkpoints,
-    so an interrupted run resumes exactly.
+    Epoch 0 is the pretrained network. At the epoch budget, or after ``patience`` epochs without improvement,
+    the weights to keep are chosen by the same metric, never by real anomalies:
+
+    * with ``wise_alphas`` (default): along the line from the pretrained to the last weights,
+      ``θ(α) = (1 − α)·θ_pretrained + α·θ_last`` (WiSE-FT), the α with the best pseudo-anomaly AUROC (ties go to
+      the smaller α; α = 0 is the pretrained network, so the choice cannot end worse than not fine-tuning by
+      this metric);
+    * without: the best epoch's weights (the paper's rule).
+
+    Then the model's final fit runs, before the datamodule's validation (which runs only then: it may hold real
+    anomalies and must not steer fine-tuning). The state (history, kept weights) is saved in checkpoints, so an
+    interrupted run resumes exactly.
 
     Args:
-        patience: Epochs without improvement before stopping.
+        patience: Epochs without improvement before stopping early; ``None`` trains the whole budget.
         pseudo_anomalies: Augmentations that make pseudo-anomalies of held-out normals.
         seed: Seed of the pseudo-anomalies (the same ones every epoch).
+        wise_alphas: Interpolation weights to choose from; ``None`` keeps the best epoch instead.
 
     """
 
-    def __init__(self, patience: int, pseudo_anomalies: Sequence[str], seed: int = 0) -> None:
+    def __init__(
+        self,
+        patience: int | None,
+        pseudo_anomalies: Sequence[str],
+        seed: int = 0,
+        wise_alphas: Sequence[float] | None = None,
+    ) -> None:
         self.patience = patience
         self.generator = PseudoAnomalyGenerator(pseudo_anomalies, seed=seed)
+        self.wise_alphas = sorted({float(a) for a in wise_alphas}) if wise_alphas else None
         self._limit_val_batches: int | float | None = None
         self.reset()
 
@@ -70,11 +86,14 @@ class ForgettingCallback(Callback):
         self.bad_epochs = 0
         self.history: list[dict[str, float]] = []
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.pretrained: dict[str, torch.Tensor] | None = None
+        self.interpolation: list[dict[str, float]] = []
+        self.kept_alpha: float | None = None
 
     @property
     def should_stop(self) -> bool:
         """Whether ``patience`` epochs in a row failed to improve."""
-        return self.bad_epochs >= self.patience
+        return self.patience is not None and self.bad_epochs >= self.patience
 
     def record(self, epoch: int, score: float, **extra: float) -> bool:
         """Record an epoch's pseudo-anomaly AUROC; returns whether it is the new best."""
@@ -111,7 +130,7 @@ class ForgettingCallback(Callback):
         pl_module.refit_targets()
         aurocs = self.pseudo_anomaly_auroc(pl_module)
         improved = self.record(epoch, aurocs["all"], loss=loss, **{f"auroc_{k}": v for k, v in aurocs.items()})
-        if improved:
+        if improved and not self.wise_alphas:
             self.best_weights = {
                 k: v.detach().cpu().clone() for k, v in pl_module.model.feature_extractor.state_dict().items()
             }
@@ -134,6 +153,7 @@ class ForgettingCallback(Callback):
         """Score the pretrained network (epoch 0), or, when resumed, rebuild the loss's targets."""
         if trainer.ckpt_path is None or self.best_epoch < 0:  # a new run, not a resumed one
             self.reset()
+            self.pretrained = trainable_weights(pl_module.model.feature_extractor) if self.wise_alphas else None
             self.evaluate(trainer, pl_module, epoch=0, loss=math.nan)
         else:
             pl_module.refit_targets()
@@ -161,16 +181,17 @@ class ForgettingCallback(Callback):
             trainer.limit_val_batches = 0
 
     def finish(self, trainer: Trainer, pl_module: GaussFT, reason: str) -> None:
-        """Restore the best epoch's weights, run the final fit, let validation run once, stop training."""
-        logger.info(
-            "Fine-tuning stops (%s): keeping epoch %d, pseudo-anomaly AUROC %.4f (epoch 0 = pretrained).",
-            reason,
-            self.best_epoch,
-            self.best_score,
-        )
-        if self.best_weights is not None:
-            pl_module.model.feature_extractor.load_state_dict(self.best_weights)
-        self.best_weights = None  # a torch export pickles the whole module: drop the copy
+        """Keep the chosen weights, run the final fit, let validation run once, stop training."""
+        logger.info("Fine-tuning stops (%s) after epoch %d.", reason, self.history[-1]["epoch"])
+        if self.wise_alphas and self.pretrained is not None:
+            self.interpolate(trainer, pl_module)
+        else:
+            logger.info(
+                "Keeping epoch %d, pseudo-anomaly AUROC %.4f (0 = pretrained).", self.best_epoch, self.best_score
+            )
+            if self.best_weights is not None:
+                pl_module.model.feature_extractor.load_state_dict(self.best_weights)
+        self.best_weights = self.pretrained = None  # a torch export pickles the whole module: drop the copies
         pl_module.finish_fit()
         trainer.should_stop = True
         if self._limit_val_batches is not None:
@@ -178,10 +199,40 @@ class ForgettingCallback(Callback):
         if trainer.is_global_zero:
             self.write_curve(Path(trainer.default_root_dir) / "fine_tuning_curve.png")
 
+    def interpolate(self, trainer: Trainer, pl_module: GaussFT) -> None:
+        """WiSE-FT: score ``θ(α)`` for every α on the held-out pseudo-anomalies and keep the best α.
+
+        α = 0 and α = 1 reuse the scores of epoch 0 and of the last epoch (the same weights).
+        """
+        extractor = pl_module.model.feature_extractor
+        last = trainable_weights(extractor)
+        known = {0.0: self.history[0]["pseudo_auroc"], 1.0: self.history[-1]["pseudo_auroc"]}
+        self.interpolation = []
+        for alpha in self.wise_alphas:
+            if alpha not in known:
+                load_interpolation(extractor, self.pretrained, last, alpha)
+                pl_module.refit_targets()
+                known[alpha] = self.pseudo_anomaly_auroc(pl_module)["all"]
+            self.interpolation.append({"alpha": alpha, "pseudo_auroc": known[alpha]})
+        best = max(self.interpolation, key=lambda r: (r["pseudo_auroc"], -r["alpha"]))  # ties: the smaller α
+        self.kept_alpha = best["alpha"]
+        load_interpolation(extractor, self.pretrained, last, self.kept_alpha)
+        logger.info(
+            "WiSE-FT between the pretrained and the last weights: %s; keeping α = %.2f (0 = pretrained).",
+            ", ".join(f"α {r['alpha']:.2f} → {r['pseudo_auroc']:.4f}" for r in self.interpolation),
+            self.kept_alpha,
+        )
+        del trainer
+
     def write_curve(self, path: Path) -> None:
         """Write the training-curve PNG (and its JSON) of this run; a plotting failure only logs."""
         try:
-            written = save_training_curve(self.history, self.best_epoch, path)
+            if self.kept_alpha is not None:
+                kept, note = self.history[-1]["epoch"], f"kept: WiSE-FT α = {self.kept_alpha:.2f} of the last epoch"
+            else:
+                kept, note = self.best_epoch, f"kept: epoch {self.best_epoch}"
+            extra = {"interpolation": self.interpolation, "kept_alpha": self.kept_alpha}
+            written = save_training_curve(self.history, kept, path, note=note, extra=extra)
             logger.info("Training curve written to %s", written)
         except Exception:
             logger.exception("Could not write the training curve.")
@@ -195,6 +246,7 @@ class ForgettingCallback(Callback):
             "bad_epochs": self.bad_epochs,
             "history": [dict(h) for h in self.history],
             "best_weights": self.best_weights,
+            "pretrained": self.pretrained,
         }
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -211,3 +263,4 @@ class ForgettingCallback(Callback):
         self.bad_epochs = int(state_dict["bad_epochs"])
         self.history = [dict(h) for h in state_dict["history"]]
         self.best_weights = state_dict.get("best_weights")
+        self.pretrained = state_dict.get("pretrained")

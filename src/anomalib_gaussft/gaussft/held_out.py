@@ -126,9 +126,10 @@ class HeldOutSplit:
         """Drop the dataset reference once fitting is done (a torch export pickles the whole model)."""
         self.dataset = None
 
-    def describe(self, purposes: Sequence[str]) -> str:
+    def describe(self, forgetting: bool, calibration: bool) -> str:
         """One log line: how many images are fitted and held out, and what for."""
+        purposes = [p for p, used in (("forgetting detection", forgetting), ("calibration", calibration)) if used]
         return (
-            f"{len(self.fit_indices)} normal images to fit; {len(self.held_out_indices)} held out for "
-            f"{' and '.join(purposes)} (never trained on)."
+            f"{'Fine-tuning' if forgetting else 'Fitting'} on {len(self.fit_indices)} normal images; "
+            f"{len(self.held_out_indices)} held out for {' and '.join(purposes)} (never trained on)."
         )

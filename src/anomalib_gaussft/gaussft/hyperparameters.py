@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import timm
 from jsonargparse.typing import (  # noqa: F401 - re-exported: the types of GaussFT's signature
+    ClosedUnitInterval,
     NonNegativeFloat,
     NonNegativeInt,
     OpenUnitInterval,
@@ -53,6 +54,8 @@ ImageScoreName = Literal["gaussian_ad", "map_max"]
 LossDistanceName = Literal["mahalanobis", "euclidean"]
 LossGaussianName = Literal["cross_fit", "in_sample"]
 PseudoAnomalyName = Literal["mixup", "cutmix", "cutout", "augmix"]
+LrScheduleName = Literal["warmup_cosine", "constant"]
+WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 # Hyperparameters that change the shape or meaning of the fitted statistics.
 ARCHITECTURE_KEYS = ("backbone", "image_size", "levels", "map_levels", "map_gaussian", "image_score")
@@ -73,6 +76,10 @@ def _is_number(value: Any) -> bool:  # noqa: ANN401
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _unit_numbers(value: Any) -> bool:  # noqa: ANN401
+    return not isinstance(value, str) and len(value) > 0 and all(_is_number(a) and 0 <= a <= 1 for a in value)
+
+
 # name → (allowed range in words, check); every check sees the raw constructor value.
 RULES: dict[str, tuple[str, Any]] = {
     "map_gaussian": _choice(MapGaussian),
@@ -83,7 +90,14 @@ RULES: dict[str, tuple[str, Any]] = {
     "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "weight_decay": ("a number ≥ 0", lambda v: _is_number(v) and v >= 0),
     "held_out_fraction": ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
-    "patience": ("an integer ≥ 1", lambda v: _is_int(v, 1)),
+    "patience": ("null or an integer ≥ 1", lambda v: v is None or _is_int(v, 1)),
+    "lr_schedule": ("one of ['warmup_cosine', 'constant']", lambda v: v in ("warmup_cosine", "constant")),
+    "wise_alphas": (
+        "null or a non-empty list of numbers in [0, 1]",
+        lambda v: (
+            v is None or (not isinstance(v, str) and len(v) > 0 and all(_is_number(a) and 0 <= a <= 1 for a in v))
+        ),
+    ),
     "sigma": ("a number ≥ 0 (0 = no blur)", lambda v: _is_number(v) and v >= 0),
     "seed": ("an integer ≥ 0", lambda v: _is_int(v, 0)),
     "false_alarm_rate": ("null or a number in (0, 1)", lambda v: v is None or (_is_number(v) and 0 < v < 1)),

@@ -40,7 +40,7 @@ from .pre_processor import GaussFTPreProcessor
 from .pseudo_anomalies import PSEUDO_ANOMALIES
 from .shuffle import SeededShuffle
 from .torch_model import GaussFTModel, check_finite
-from .trainable_layers import freeze_batchnorm, set_trainable
+from .trainable_layers import fine_tuning_optimizer, freeze_batchnorm, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,19 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         map_gaussian: ``"shared"`` (one Gaussian per level) or ``"per_position"`` (PaDiM-style).
         image_score: ``"gaussian_ad"`` (paper) or ``"map_max"``.
         sigma: Anomaly-map blur in pixels.
-        fine_tune_epochs: Maximum fine-tuning epochs; ``0`` gives the frozen Gaussian AD.
-        learning_rate: AdamW learning rate of the backbone.
+        fine_tune_epochs: Fine-tuning epochs; ``0`` gives the frozen Gaussian AD.
+        learning_rate: Peak AdamW learning rate of the backbone.
         weight_decay: AdamW weight decay.
-        trainable_levels: Levels whose layers are fine-tuned (``None``: all; EfficientNets only).
+        lr_schedule: ``"warmup_cosine"`` (one epoch of linear warm-up, then cosine to 0) or ``"constant"``.
+        trainable_levels: Levels whose layers are fine-tuned (EfficientNets only); ``None``: the deeper half
+            (levels 5-8), every layer for other backbones.
         freeze_batchnorm: Keep BatchNorm running statistics fixed while fine-tuning.
         held_out_fraction: Fraction of the normal training images held out for forgetting detection.
         pseudo_anomalies: Augmentations that make pseudo-anomalies of held-out normals.
-        patience: Epochs without improvement of the pseudo-anomaly AUROC before stopping.
+        patience: Epochs without improvement of the pseudo-anomaly AUROC before stopping; ``None``: train the
+            whole budget.
+        wise_alphas: Keep ``(1-α)·pretrained + α·fine-tuned`` weights for the α with the best pseudo-anomaly
+            AUROC (WiSE-FT); ``None``: keep the best epoch's weights (the paper's rule).
         loss_gaussian: ``"cross_fit"``: each training image's loss uses Gaussians fitted on the other half
             of the training images (out-of-sample distances); ``"in_sample"``: on all of them.
         loss_distance: ``"mahalanobis"`` (the paper's loss) or ``"euclidean"`` (a center loss, for ablations).
@@ -97,14 +102,16 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         map_gaussian: hp.MapGaussianName = "shared",
         image_score: hp.ImageScoreName = "gaussian_ad",
         sigma: hp.NonNegativeFloat = 4.0,
-        fine_tune_epochs: hp.NonNegativeInt = 10,
+        fine_tune_epochs: hp.NonNegativeInt = 6,
         learning_rate: hp.PositiveFloat = 3e-4,
         weight_decay: hp.NonNegativeFloat = 1e-4,
+        lr_schedule: hp.LrScheduleName = "warmup_cosine",
         trainable_levels: Sequence[hp.NonNegativeInt] | None = None,
         freeze_batchnorm: bool = True,
         held_out_fraction: hp.OpenUnitInterval = 0.2,
         pseudo_anomalies: Sequence[hp.PseudoAnomalyName] = PSEUDO_ANOMALIES,
-        patience: hp.PositiveInt = 3,
+        patience: hp.PositiveInt | None = None,
+        wise_alphas: Sequence[hp.ClosedUnitInterval] | None = hp.WISE_ALPHAS,
         loss_gaussian: hp.LossGaussianName = "cross_fit",
         loss_distance: hp.LossDistanceName = "mahalanobis",
         false_alarm_rate: hp.OpenUnitInterval | None = None,
@@ -124,7 +131,6 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         # Plain ints/floats (the CLI passes jsonargparse's restricted types, which weights_only checkpoints refuse).
         self.hparams.update(hp.plain(dict(self.hparams)))
         self.model: GaussFTModel = self.build_model()
-        self.fine_tune_epochs = self.hparams.fine_tune_epochs
         # The frozen fit has nothing to optimise: manual optimisation lets its steps return no loss (also under
         # DDP, where automatic optimisation refuses a skipped step).
         self.automatic_optimization = self.fine_tuning
@@ -135,12 +141,9 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         self.model.feature_extractor.requires_grad_(False)
         if self.fine_tuning:
             self.trainable_levels = set_trainable(self.model.feature_extractor, trainable_levels, self.model.levels)
-            self.loss = GaussianLoss(
-                {lvl: self.model.level_dims[lvl] for lvl in self.model.levels}, loss_gaussian, loss_distance
-            )
-            self.forgetting = ForgettingCallback(
-                self.hparams.patience, self.hparams.pseudo_anomalies, self.hparams.seed
-            )
+            h = self.hparams
+            self.loss = GaussianLoss(self.model.image_level_dims, h.loss_gaussian, h.loss_distance)
+            self.forgetting = ForgettingCallback(h.patience, h.pseudo_anomalies, h.seed, h.wise_alphas)
         self.epoch_loss_metric = MeanMetric()  # DDP-synced mean of the epoch's training loss
         self._samples_seen = 0
 
@@ -158,7 +161,7 @@ class GaussFT(FittedModelGuards, AnomalibModule):
     @property
     def fine_tuning(self) -> bool:
         """Whether the backbone is fine-tuned (``fine_tune_epochs > 0``)."""
-        return self.fine_tune_epochs > 0
+        return self.hparams.fine_tune_epochs > 0
 
     @property
     def calibrating(self) -> bool:
@@ -194,12 +197,14 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         _, mean, std = hp.backbone_input_config(backbone)
         return GaussFTPreProcessor(size, mean, std)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | None:
-        """AdamW on the trainable backbone layers; none for the frozen Gaussian AD."""
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        """AdamW on the trainable backbone layers with its per-step schedule; none for the frozen Gaussian AD."""
         if not self.fine_tuning:
             return None
         params = [p for p in self.model.feature_extractor.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        h, trainer = self.hparams, self.trainer
+        steps = int(trainer.estimated_stepping_batches)
+        return fine_tuning_optimizer(params, h.learning_rate, h.weight_decay, h.lr_schedule, steps, trainer.max_epochs)
 
     def configure_callbacks(self) -> list[Callback]:
         """Anomalib's components, what DDP needs; when fine-tuning also a seeded shuffle and the forgetting check."""
@@ -209,7 +214,7 @@ class GaussFT(FittedModelGuards, AnomalibModule):
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """Epoch budget of the fine-tuning (1 pass when frozen); several devices allowed."""
-        return {"max_epochs": max(1, self.fine_tune_epochs), "num_sanity_val_steps": 0}
+        return {"max_epochs": max(1, self.hparams.fine_tune_epochs), "num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:
@@ -228,10 +233,7 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         self.held_out = None
         if self.fine_tuning or self.calibrating:
             self.held_out = HeldOutSplit.from_trainer(self.trainer, self.hparams.held_out_fraction, self.hparams.seed)
-            purposes = [
-                p for p, used in (("forgetting detection", self.fine_tuning), ("calibration", self.calibrating)) if used
-            ]
-            logger.info("%s: %s", "Fine-tuning" if self.fine_tuning else "Fitting", self.held_out.describe(purposes))
+            logger.info(self.held_out.describe(forgetting=self.fine_tuning, calibration=self.calibrating))
             if self.calibrating:  # refuse an unachievable rate now, not after fine-tuning
                 check_achievable_rate(len(self.held_out.held_out_indices), self.hparams.false_alarm_rate)
 

@@ -133,6 +133,11 @@ class GaussFTModel(DynamicBufferMixin):
             msg = f"GaussFT is not fitted: {hint}."
             raise ModelNotFittedError(msg)
 
+    @property
+    def image_level_dims(self) -> dict[int, int]:
+        """``{level: feature width}`` of the image-score levels."""
+        return {lvl: self.level_dims[lvl] for lvl in self.levels}
+
     def _map_groups(self, level: int) -> int:
         height, width = self.map_sizes[level]
         return height * width if self.map_gaussian == MapGaussian.PER_POSITION else 1
