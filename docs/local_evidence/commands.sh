@@ -1,0 +1,52 @@
+#!/bin/bash
+# Exact commands of the issue-#14 study (run from the repository root of the research-local worktree).
+set -e
+export PYTHONPATH=src HF_HUB_CACHE=/work/shared/hf-cache/hub HF_HUB_OFFLINE=1
+
+# 1. BSData (checkout of https://github.com/2Obe/BSData, commit 7204b28, at /work/data/cache/BSData_repo)
+python benchmarks/make_bsdata.py --repo /work/data/cache/BSData_repo --out /work/data/bsdata/bsdata \
+    --max-side 560 --train-fraction 0.7 --seed 0 --done /work/data/bsdata/DONE
+
+# 2. Baselines (PatchCore first; jobs already in docs/local_evidence/baselines.jsonl are skipped)
+nice -n 10 python benchmarks/local_evidence_baselines.py --out docs/local_evidence --coreset-ratio 0.02 \
+    --models patchcore,dfm,padim,gaussft_frozen
+
+# 3. Feature cache (one backbone pass per image)
+nice -n 10 python benchmarks/local_evidence_features.py --cache /work/data/cache/local_evidence
+
+# 4. Screen (seed 0; the run was stopped after BSData and ELPV mono; all map variants known then, 8 grids)
+nice -n 10 python benchmarks/local_evidence_study.py --datasets bsdata,elpv_mono --seeds 0 --tag study \
+    --map-variants m_default,m_k3,m_z,m_q,m_k3_z,m_k3_q,m_l234,m_l2345,m_l35,m_l34,m_l3,m_l2345_z,m_l2345_k3_z,m_l234_k3_z,m_pp,m_pp_k3_z,m_fre,m_fre_k3,m_cat345,m_cat345_k3,m_cat35_k3,m_cat2345_k3,m_s0,m_s2,m_s8,m_k3_z_s2,m_k3_z_s8 \
+    --grid-variants g_l8_2,g_l7_2,g_l6_2,g_l7_4,g_l5_4,g_l7_4s,g_l5_4s,g_l8_4s --out docs/local_evidence
+
+# 5. Focused run (3 seeds)
+MAPS=m_default,m_k3,m_k3_z,m_l35,m_fre,m_cat345_k3,m_pp,m_pp_k3,m_pp_k3_z,m_pp_l35,m_pp_s2,m_r7,m_r7_k3,m_r7_k3_z,m_r7_l35,m_r7_s2,m_r14,m_r14_k3,m_r14_k3_z,m_r14_l35,m_r14_s2,m_r7_cat35_k3,m_r7_cat35,m_r14_cat35_k3,m_r7_l2345
+for s in 0 1 2; do
+  nice -n 10 python benchmarks/local_evidence_study.py --datasets bsdata,elpv_mono,elpv_poly,brick,grass,gravel --seeds $s \
+    --map-variants $MAPS --grid-variants g_l5_4,g_l6_2,g_l7_2,g_l8_4s --out docs/local_evidence --tag focus
+done
+
+# 6. Extra run: joint layout Gaussians, top-k fractions (3 seeds)
+MAPS=m_r7,m_r14_l35,m_r7_k3,m_r14_k3,m_pp_k3,m_r7_cat35_k3,m_r14_cat35_k3,m_r7_l3456_k3,m_r7_l35_k3,m_r7_l2345_k3
+for s in 0 1 2; do
+  nice -n 10 python benchmarks/local_evidence_study.py --datasets elpv_mono,bsdata,elpv_poly,brick,grass,gravel --seeds $s \
+    --map-variants $MAPS --grid-variants g_l5_4,g_l5_3j,g_l6_2j,g_l4_3j,g_l5_3f,g_l5_2j \
+    --top-fractions top0.1=0.001,top0.5=0.005,top1=0.01,top5=0.05 --out docs/local_evidence --tag extra
+done
+
+# 7. Refit run (test images scored by Gaussians refitted on all training images; 3 seeds)
+MAPS=m_default,m_r7,m_r14,m_r14_l35,m_r7_k3,m_r14_k3,m_pp_k3,m_r14_cat35_k3,m_r7_cat35_k3
+for s in 0 1 2; do
+  nice -n 10 python benchmarks/local_evidence_study.py --datasets elpv_mono,bsdata,elpv_poly,brick,grass,gravel --seeds $s \
+    --map-variants $MAPS --grid-variants g_l5_4,g_l5_3j,g_l5_3f --top-fractions top1=0.01,top5=0.05 --refit \
+    --out docs/local_evidence --tag refit
+done
+
+# 8. Recommended design, per-image scores, paired bootstrap against the baselines
+nice -n 10 python benchmarks/local_evidence_final.py --seeds 0,1,2 --out docs/local_evidence
+nice -n 10 python benchmarks/local_evidence_final.py --seeds 0,1,2 --no-refit --out docs/local_evidence
+
+# 9. Export check, summaries, tables
+python benchmarks/local_evidence_export_check.py --set bsdata --out docs/local_evidence/export_check.json
+for tag in study focus extra refit; do python benchmarks/local_evidence_report.py --tag $tag > /dev/null; done
+python benchmarks/local_evidence_tables.py > docs/local_evidence/tables.md
