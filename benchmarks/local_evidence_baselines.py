@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 import compare
+import compare_job
+from compare_report import summary
 
 DATASETS = {
     "elpv_mono": {"kind": "elpv", "root": "/work/data/elpv/elpv_mono", "masks": False},
@@ -47,19 +50,19 @@ def count_train(spec: dict) -> int:
 
 
 def child(job_file: Path) -> int:
-    """compare.py's child, with ``evaluate`` wrapped to save per-image scores."""
+    """compare.py's child job (``compare_job.main``), with ``evaluate`` wrapped to save per-image scores."""
     import numpy as np
 
     job = json.loads(job_file.read_text())
-    original = compare.evaluate
+    original = compare_job.evaluate
 
-    def evaluate(model, datamodule, masks):
+    def evaluate(model, loader, masks):
         import torch
 
-        result = original(model, datamodule, masks)
+        result = original(model, loader, masks)
         scores, labels, paths = [], [], []
         with torch.inference_mode():
-            for batch in datamodule.test_dataloader():
+            for batch in loader:
                 out = model.model(model.pre_processor.transform(batch.image))
                 scores.append(out.pred_score.reshape(-1).float().cpu())
                 labels.append(batch.gt_label.reshape(-1).int().cpu())
@@ -73,8 +76,8 @@ def child(job_file: Path) -> int:
         )
         return result
 
-    compare.evaluate = evaluate
-    return compare.child_main(job_file)
+    compare_job.evaluate = evaluate
+    return compare_job.main(job_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coreset-ratio", type=float, default=0.02)
     parser.add_argument("--throughput-seconds", type=float, default=1.0)
     parser.add_argument("--out", default="docs/local_evidence")
+    parser.add_argument("--results-file", default="baselines.jsonl", help="name of the results file in --out")
+    parser.add_argument("--epochs", type=int, default=6, help="fine_tune_epochs of gaussft_ft and variants")
+    parser.add_argument("--variants", default=None, help="GaussFT variants, as compare.py's --variants")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -92,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cargs = compare.parse_args(["--coreset-ratio", str(args.coreset_ratio), "--models", args.models])
+    cargs = compare.parse_args(
+        ["--coreset-ratio", str(args.coreset_ratio), "--models", args.models, "--epochs", str(args.epochs)]
+        + (["--variants", args.variants] if args.variants else [])
+    )
     models = compare.model_specs(cargs)
     settings = {
-        "backbone": compare.BACKBONE,
-        "image_size": compare.IMAGE_SIZE,
+        "backbone": common.BACKBONE,
+        "image_size": common.IMAGE_SIZE,
         "batch_size": 16,
         "threads": 1,
         "export": False,
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             job["id"] = compare.job_id(job)
             jobs.append(job)
-    results_path = out / "baselines.jsonl"
+    results_path = out / args.results_file
     done = compare.load_results(results_path)
     command_line = " ".join([sys.executable, *sys.argv])
     for index, job in enumerate(jobs, 1):
@@ -151,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED ({seconds:.0f} s), see {log_path}", flush=True)
                 continue
             result = json.loads(result_file.read_text())
-        result.update(id=job["id"], command=command_line, finished=compare._now(), job_wall_s=seconds)
+        result.update(id=job["id"], command=command_line, finished=common.now(), job_wall_s=seconds)
         with results_path.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
-        print(f"{compare._summary(result)} ({seconds:.0f} s)", flush=True)
+        print(f"{summary(result)} ({seconds:.0f} s)", flush=True)
     return 0
 
 

@@ -29,7 +29,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import local_evidence_study as les
-
 from anomalib_gaussft.gaussft.feature_extractor import MultiLevelFeatureExtractor
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
 
@@ -134,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/local_evidence/export_check.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from local_evidence_features import datamodule_and_train
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-    from anomalib_gaussft.gaussft.lightning_model import backbone_input_config
+    from anomalib_gaussft.gaussft.hyperparameters import backbone_input_config
+    from local_evidence_features import datamodule_and_train
 
     extractor = MultiLevelFeatureExtractor("tf_efficientnet_lite0", pre_trained=True).eval()
+    extractor.ensure_weights()  # pretrained weights load lazily
     head = LocalEvidenceHead(extractor).eval()
     data = les.load_set(Path(args.cache), args.set)
     fit_from_cache(head, data)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare
+import common
+import compare_job
 from local_evidence_baselines import DATASETS, count_train
 
 MAP_LEVELS = (2, 3, 4, 5, 6, 7, 8)
@@ -42,7 +43,7 @@ def datamodule_and_train(name: str, train_images: int):
 
     dataset = {"name": name, **DATASETS[name]}
     job = {"dataset": dataset, "settings": {"batch_size": 16}}
-    datamodule = compare.build_datamodule(job)
+    datamodule = compare_job.build_datamodule(job)
     datamodule.setup(TrainerFn.FITTING)
     available = len(datamodule.train_data)
     n_train = min(train_images, count_train(dataset), available)
@@ -97,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
     from anomalib_gaussft.gaussft.feature_extractor import MultiLevelFeatureExtractor
-    from anomalib_gaussft.gaussft.lightning_model import backbone_input_config
+    from anomalib_gaussft.gaussft.hyperparameters import backbone_input_config
 
-    _, mean, std = backbone_input_config(compare.BACKBONE)
+    _, mean, std = backbone_input_config(common.BACKBONE)
     transform = Compose([Resize((224, 224), antialias=True), Normalize(mean=mean, std=std)])
-    extractor = MultiLevelFeatureExtractor(compare.BACKBONE, pre_trained=True).eval()
+    extractor = MultiLevelFeatureExtractor(common.BACKBONE, pre_trained=True).eval()
+    extractor.ensure_weights()  # pretrained weights load lazily
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     for name in [d for d in args.datasets.split(",") if d]:

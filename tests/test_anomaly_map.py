@@ -11,24 +11,33 @@ from anomalib_gaussft import GaussFT
 from conftest import TINY_BACKBONE
 
 
-def _reference_level_map(train: np.ndarray, test: np.ndarray, per_position: bool) -> np.ndarray:
-    """``sqrt(d² / C)`` per position with sklearn's Ledoit-Wolf and an explicit inverse."""
+def _reference_level_map(train: np.ndarray, test: np.ndarray, map_gaussian: str) -> np.ndarray:
+    """``sqrt(d² / C)`` per position with sklearn's Ledoit-Wolf and an explicit inverse.
+
+    ``regional``: one Gaussian per 7 × 7 region, fitted on the features of every position of the region.
+    """
     _, c, h, w = train.shape
     out = np.zeros((test.shape[0], h, w))
-    if not per_position:
+    rows, cols = min(7, h), min(7, w)
+    region = [[(i * rows // h, j * cols // w) for j in range(w)] for i in range(h)]
+    if map_gaussian == "shared":
         shared = LedoitWolf().fit(train.transpose(0, 2, 3, 1).reshape(-1, c))
         inv, mean = np.linalg.inv(shared.covariance_), shared.location_
     for i in range(h):
         for j in range(w):
-            if per_position:
+            if map_gaussian == "per_position":
                 fitted = LedoitWolf().fit(train[:, :, i, j])
+                inv, mean = np.linalg.inv(fitted.covariance_), fitted.location_
+            elif map_gaussian == "regional":
+                members = [train[:, :, a, b] for a in range(h) for b in range(w) if region[a][b] == region[i][j]]
+                fitted = LedoitWolf().fit(np.concatenate(members))
                 inv, mean = np.linalg.inv(fitted.covariance_), fitted.location_
             centred = test[:, :, i, j] - mean
             out[:, i, j] = np.sqrt(np.einsum("ni,ij,nj->n", centred, inv, centred) / c)
     return out
 
 
-@pytest.mark.parametrize("map_gaussian", ["shared", "per_position"])
+@pytest.mark.parametrize("map_gaussian", ["shared", "per_position", "regional"])
 def test_level_maps_match_direct_reference(map_gaussian: str) -> None:
     model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=32, map_gaussian=map_gaussian).eval()
     train, test = torch.rand(24, 3, 32, 32), torch.rand(3, 3, 32, 32)
@@ -43,7 +52,7 @@ def test_level_maps_match_direct_reference(map_gaussian: str) -> None:
         expected = _reference_level_map(
             train_features[level].double().numpy(),
             test_features[level].double().numpy(),
-            map_gaussian == "per_position",
+            map_gaussian,
         )
         np.testing.assert_allclose(level_map[:, 0].double().numpy(), expected, rtol=2e-3, atol=2e-3)
 

@@ -401,10 +401,15 @@ def test_fp16_and_int8_keep_the_image_auroc(real_weights: dict[str, str], tmp_pa
     with torch.no_grad():
         torch_scores = model(images_t).pred_score.numpy()
     auroc = {"torch": _image_auroc(torch_scores, labels_np)}
+    maps = {}
     for name in ("fp32", "fp16", "int8"):
-        scores = _run_openvino(paths[name], images_t)["pred_score"].reshape(-1)
+        outputs = _run_openvino(paths[name], images_t)
+        scores, maps[name] = outputs["pred_score"].reshape(-1), outputs["anomaly_map"].reshape(-1)
         assert np.isfinite(scores).all(), name
         auroc[name] = _image_auroc(scores, labels_np)
+    # The heatmaps survive compression too (a quantized blur convolution once returned all-zero INT8 maps).
+    for name in ("fp16", "int8"):
+        assert np.corrcoef(maps[name], maps["fp32"])[0, 1] > 0.95, name
     print("image AUROC:", {k: round(v, 4) for k, v in auroc.items()})
     assert auroc["fp32"] == pytest.approx(auroc["torch"], abs=1e-3)
     assert auroc["fp32"] > 0.8

@@ -20,7 +20,7 @@ def _fitted(size: int = 64, **kwargs) -> GaussFT:
     return model.eval()
 
 
-@pytest.mark.parametrize("map_gaussian", ["shared", "per_position"])
+@pytest.mark.parametrize("map_gaussian", ["regional", "shared", "per_position"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_forward_shapes_and_dtypes(map_gaussian: str, batch_size: int) -> None:
     model = _fitted(map_gaussian=map_gaussian)
@@ -33,7 +33,7 @@ def test_forward_shapes_and_dtypes(map_gaussian: str, batch_size: int) -> None:
 
 
 def test_image_score_is_sum_of_level_mahalanobis_distances() -> None:
-    model = _fitted()
+    model = _fitted(image_score="gaussian_ad")
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         features = model.model.extract(images)
@@ -201,7 +201,7 @@ def test_checkpoint_architecture_is_adopted_for_inference(tmp_path) -> None:
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
     other = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=96, map_gaussian="per_position")
     other.on_load_checkpoint(checkpoint)  # no trainer fitting: the checkpoint's architecture is taken
-    assert other.hparams.map_gaussian == "shared"
+    assert other.hparams.map_gaussian == "regional"
     assert other.model.image_size == (64, 64)
     assert list(other.pre_processor.transform.transforms[0].size) == [64, 64]
     other.load_state_dict(checkpoint["state_dict"])

@@ -9,7 +9,8 @@ whitening matrix, so scoring is a plain ``matmul`` that exports to ONNX.
 One ``StreamingGaussian`` holds ``groups`` independent Gaussians of dimension
 ``dim``: one group for a pooled image-level feature or a Gaussian shared by all
 positions of a feature map, ``H * W`` groups for PaDiM-style per-position
-Gaussians.
+Gaussians, one group per image region for regional ones (``group_index`` maps
+positions to regions).
 """
 
 from __future__ import annotations
@@ -161,27 +162,41 @@ class StreamingGaussian(nn.Module):
         }
 
     @torch.no_grad()
-    def update(self, samples: torch.Tensor) -> None:
-        """Accumulate samples of shape ``(N, groups, dim)`` in float64."""
-        if samples.ndim != 3 or samples.shape[1:] != (self.groups, self.dim):
-            msg = f"Expected samples of shape (N, {self.groups}, {self.dim}), got {tuple(samples.shape)}."
+    def update(self, samples: torch.Tensor, group_index: torch.Tensor | None = None) -> None:
+        """Accumulate samples in float64: ``(N, groups, dim)``, or ``(N, P, dim)`` with ``group_index`` ``(P,)``.
+
+        ``group_index`` maps each of ``P`` sample slots (e.g. feature-map positions) to its group (region), so
+        several slots pool their samples into one Gaussian.
+        """
+        slots = self.groups if group_index is None else len(group_index)
+        if samples.ndim != 3 or samples.shape[1:] != (slots, self.dim):
+            msg = f"Expected samples of shape (N, {slots}, {self.dim}), got {tuple(samples.shape)}."
             raise ValueError(msg)
         if not torch.isfinite(samples).all():
             msg = "Non-finite (NaN/Inf) features reached the Gaussian statistics; check the input images."
             raise FloatingPointError(msg)
+        x = samples.detach().to(torch.float64)
+
+        def per_group(per_slot: torch.Tensor) -> torch.Tensor:  # sum the slots of each group
+            if group_index is None:
+                return per_slot
+            summed = torch.zeros(self.groups, *per_slot.shape[1:], dtype=per_slot.dtype, device=per_slot.device)
+            return summed.index_add_(0, group_index.to(per_slot.device), per_slot)
+
+        slot_count = torch.full((slots,), float(x.shape[0]), dtype=torch.float64, device=x.device)
         if self._accumulators is None:
             self._accumulators = self._new_accumulators(samples.device)
             # Moments are taken about the first batch's mean: float64 sums of raw features whose
             # mean is large against their spread would lose the covariance to cancellation.
-            self._accumulators["shift"] = samples.detach().to(torch.float64).mean(0)
+            self._accumulators["shift"] = per_group(x.sum(0)) / per_group(slot_count)[:, None]
         acc = self._accumulators
-        x = samples.detach().to(torch.float64) - acc["shift"]
-        sq_norm = (x * x).sum(-1)  # (N, G)
-        acc["count"] += x.shape[0]
-        acc["sum_x"] += x.sum(0)
-        acc["sum_outer"] += torch.einsum("ngi,ngj->gij", x, x)
-        acc["sum_sq_norm_x"] += torch.einsum("ng,ngi->gi", sq_norm, x)
-        acc["sum_sq_norm_sq"] += (sq_norm * sq_norm).sum(0)
+        x = x - (acc["shift"] if group_index is None else acc["shift"][group_index])
+        sq_norm = (x * x).sum(-1)  # (N, slots)
+        acc["count"] += per_group(slot_count)
+        acc["sum_x"] += per_group(x.sum(0))
+        acc["sum_outer"] += per_group(torch.einsum("ngi,ngj->gij", x, x))
+        acc["sum_sq_norm_x"] += per_group(torch.einsum("ng,ngi->gi", sq_norm, x))
+        acc["sum_sq_norm_sq"] += per_group((sq_norm * sq_norm).sum(0))
 
     def accumulators(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The raw float64 accumulators (e.g. to all-reduce them across processes).
@@ -237,7 +252,7 @@ class StreamingGaussian(nn.Module):
     def fit(self) -> dict[str, torch.Tensor]:
         """Turn the accumulated moments into ``mean`` and ``whitening``; returns the float64 estimates."""
         acc = self.accumulators()
-        n = int(acc["count"][0].item())
+        n = int(acc["count"].min().item())  # groups (regions) may differ in size: the smallest counts
         if n < 2:
             msg = f"A Gaussian needs at least 2 training samples, got {n}."
             raise ValueError(msg)
@@ -254,10 +269,16 @@ class StreamingGaussian(nn.Module):
         self.num_samples.fill_(n)
         return {"mean": mean, "covariance": shrunk, "empirical": empirical, "shrinkage": shrinkage, "ridge": ridge}
 
-    def squared_mahalanobis(self, samples: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance of ``(N, groups, dim)`` samples → ``(N, groups)``."""
-        centred = samples - self.mean
-        whitened = torch.einsum("gij,ngj->ngi", self.whitening, centred)
+    def squared_mahalanobis(self, samples: torch.Tensor, group_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared Mahalanobis distance of ``(N, groups, dim)`` samples → ``(N, groups)``.
+
+        With ``group_index`` ``(P,)``: samples ``(N, P, dim)``, slot ``p`` scored by group ``group_index[p]``.
+        """
+        mean, whitening = self.mean, self.whitening
+        if group_index is not None:  # a gather of constant buffers: exports as an ONNX Gather
+            mean, whitening = mean[group_index], whitening[group_index]
+        centred = samples - mean
+        whitened = torch.einsum("gij,ngj->ngi", whitening, centred)
         return (whitened * whitened).sum(-1)
 
     def squared_euclidean(self, samples: torch.Tensor) -> torch.Tensor:

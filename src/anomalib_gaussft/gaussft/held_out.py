@@ -126,9 +126,10 @@ class HeldOutSplit:
         """Drop the dataset reference once fitting is done (a torch export pickles the whole model)."""
         self.dataset = None
 
-    def describe(self, forgetting: bool, calibration: bool) -> str:
+    def describe(self, forgetting: bool, calibration: bool, normalisation: bool = False) -> str:
         """One log line: how many images are fitted and held out, and what for."""
-        purposes = [p for p, used in (("forgetting detection", forgetting), ("calibration", calibration)) if used]
+        uses = {"forgetting detection": forgetting, "calibration": calibration, "score normalisation": normalisation}
+        purposes = [purpose for purpose, used in uses.items() if used]
         return (
             f"{'Fine-tuning' if forgetting else 'Fitting'} on {len(self.fit_indices)} normal images; "
             f"{len(self.held_out_indices)} held out for {' and '.join(purposes)} (never trained on)."

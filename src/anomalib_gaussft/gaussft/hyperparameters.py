@@ -24,6 +24,7 @@ class MapGaussian(str, Enum):
 
     SHARED = "shared"  # one Gaussian per level for all positions: small, shift-invariant (textures)
     PER_POSITION = "per_position"  # PaDiM-style, one Gaussian per level and position (aligned objects)
+    REGIONAL = "regional"  # one Gaussian per level and image region (a map_regions × map_regions grid)
 
 
 class ImageScore(str, Enum):
@@ -31,6 +32,7 @@ class ImageScore(str, Enum):
 
     GAUSSIAN_AD = "gaussian_ad"  # the paper's: Σ over levels of the pooled-feature Mahalanobis distance
     MAP_MAX = "map_max"  # maximum of the anomaly map
+    LOCAL = "local"  # z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out normals
 
 
 class LossDistance(str, Enum):
@@ -49,8 +51,8 @@ class LossGaussian(str, Enum):
 
 # Option types of GaussFT's signature: anomalib's CLI (jsonargparse) checks them while parsing and reports a bad
 # value in a few lines (key, value, restriction) before anything runs.
-MapGaussianName = Literal["shared", "per_position"]
-ImageScoreName = Literal["gaussian_ad", "map_max"]
+MapGaussianName = Literal["shared", "per_position", "regional"]
+ImageScoreName = Literal["gaussian_ad", "map_max", "local"]
 LossDistanceName = Literal["mahalanobis", "euclidean"]
 LossGaussianName = Literal["cross_fit", "in_sample"]
 PseudoAnomalyName = Literal["mixup", "cutmix", "cutout", "augmix"]
@@ -58,7 +60,7 @@ LrScheduleName = Literal["warmup_cosine", "constant"]
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 # Hyperparameters that change the shape or meaning of the fitted statistics.
-ARCHITECTURE_KEYS = ("backbone", "image_size", "levels", "map_levels", "map_gaussian", "image_score")
+ARCHITECTURE_KEYS = ("backbone", "image_size", "levels", "map_levels", "map_gaussian", "map_regions", "image_score")
 
 DEFAULT_INPUT = ((224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet defaults
 
@@ -86,6 +88,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "image_score": _choice(ImageScore),
     "loss_distance": _choice(LossDistance),
     "loss_gaussian": _choice(LossGaussian),
+    "map_regions": ("an integer ≥ 1 (regions per side of the image)", lambda v: _is_int(v, 1)),
     "fine_tune_epochs": ("an integer ≥ 0 (0 = the frozen Gaussian AD)", lambda v: _is_int(v, 0)),
     "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "weight_decay": ("a number ≥ 0", lambda v: _is_number(v) and v >= 0),

@@ -29,11 +29,12 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from . import hyperparameters as hp
-from .calibration import CalibratedPostProcessor, Calibrator, check_achievable_rate
+from .calibration import CalibratedPostProcessor, Calibrator
 from .distributed import DistributedFit, all_reduce_statistics, real_share, zero_loss
 from .fitted_guards import FittedModelGuards
 from .forgetting import ForgettingCallback
 from .held_out import HeldOutSplit
+from .held_out_fitting import HeldOutFitting
 from .input_checks import check_fit_data, non_finite_features_error
 from .loss import GaussianLoss
 from .pre_processor import GaussFTPreProcessor
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["GaussFT"]
 
 
-class GaussFT(FittedModelGuards, AnomalibModule):
+class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
     """GaussFT anomaly detection model.
 
     Args:
@@ -58,8 +59,11 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         image_size: Input size; default the backbone's native size (380 for B4).
         levels: Feature levels of the image score (default all; 9 for EfficientNets).
         map_levels: Feature levels of the anomaly map (default: stride-8/16 stages).
-        map_gaussian: ``"shared"`` (one Gaussian per level) or ``"per_position"`` (PaDiM-style).
-        image_score: ``"gaussian_ad"`` (paper) or ``"map_max"``.
+        map_gaussian: ``"regional"`` (one Gaussian per level and image region), ``"shared"`` (one per level)
+            or ``"per_position"`` (PaDiM-style).
+        map_regions: Regions per image side of ``"regional"`` map Gaussians.
+        image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
+            normals; ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
         sigma: Anomaly-map blur in pixels.
         fine_tune_epochs: Fine-tuning epochs; ``0`` gives the frozen Gaussian AD.
         learning_rate: Peak AdamW learning rate of the backbone.
@@ -99,8 +103,9 @@ class GaussFT(FittedModelGuards, AnomalibModule):
         image_size: hp.PositiveInt | Sequence[hp.PositiveInt] | None = None,
         levels: Sequence[hp.NonNegativeInt] | None = None,
         map_levels: Sequence[hp.NonNegativeInt] | None = None,
-        map_gaussian: hp.MapGaussianName = "shared",
-        image_score: hp.ImageScoreName = "gaussian_ad",
+        map_gaussian: hp.MapGaussianName = "regional",
+        map_regions: hp.PositiveInt = 7,
+        image_score: hp.ImageScoreName = "local",
         sigma: hp.NonNegativeFloat = 4.0,
         fine_tune_epochs: hp.NonNegativeInt = 6,
         learning_rate: hp.PositiveFloat = 3e-4,
@@ -155,7 +160,7 @@ class GaussFT(FittedModelGuards, AnomalibModule):
             pre_trained=h.pre_trained,
             backbone_weights=str(h.backbone_weights) if h.backbone_weights else None,
             image_size=hp.as_image_size(h.image_size, h.backbone),
-            **{key: h[key] for key in ("levels", "map_levels", "map_gaussian", "image_score", "sigma")},
+            **{key: h[key] for key in ("levels", "map_levels", "map_gaussian", "map_regions", "image_score", "sigma")},
         )
 
     @property
@@ -167,6 +172,11 @@ class GaussFT(FittedModelGuards, AnomalibModule):
     def calibrating(self) -> bool:
         """Whether thresholds are calibrated on held-out normals (``false_alarm_rate`` set)."""
         return self.hparams.get("false_alarm_rate") is not None
+
+    @property
+    def normalising(self) -> bool:
+        """Whether the image score's terms are z-scored on held-out normals (``image_score="local"``)."""
+        return self.hparams.get("image_score") == "local"
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-processor's transform (resize, normalise) of raw images; identity without one."""
@@ -228,14 +238,9 @@ class GaussFT(FittedModelGuards, AnomalibModule):
             self.model.feature_extractor.ensure_weights()
 
     def on_fit_start(self) -> None:
-        """Check the training images; split off the held-out normals when fine-tuning or calibrating."""
+        """Check the training images; split off the held-out normals (forgetting, normalisation, calibration)."""
         check_fit_data(getattr(self.trainer, "datamodule", None))
-        self.held_out = None
-        if self.fine_tuning or self.calibrating:
-            self.held_out = HeldOutSplit.from_trainer(self.trainer, self.hparams.held_out_fraction, self.hparams.seed)
-            logger.info(self.held_out.describe(forgetting=self.fine_tuning, calibration=self.calibrating))
-            if self.calibrating:  # refuse an unachievable rate now, not after fine-tuning
-                check_achievable_rate(len(self.held_out.held_out_indices), self.hparams.false_alarm_rate)
+        self.held_out = self.split_held_out()
 
     def on_train_epoch_start(self) -> None:
         """Reset the per-epoch state; fine-tuning: train mode with frozen BatchNorm."""
@@ -297,41 +302,8 @@ class GaussFT(FittedModelGuards, AnomalibModule):
             len(self.model.levels),
             len(self.model.map_levels),
         )
-        self.model.fit()
-        if self.calibrating:
-            self.calibrate()
-            self.held_out.release()
-
-    def refit_targets(self) -> None:
-        """Re-estimate the image Gaussians and the loss's fold Gaussians on the fit images (current network)."""
-        self.loss.reset()
-
-        def update_folds(batch: Batch, features: dict[int, torch.Tensor]) -> None:
-            self.loss.update(self.model.pooled_features(features), self.held_out.folds(batch.image_path, self.device))
-
-        loader = self.held_out.loader("fit")
-        self.model.fit_from(
-            loader, self.preprocess, image_only=True, on_features=update_folds if self.loss.cross_fitted else None
-        )
-        if self.loss.cross_fitted:
-            self.loss.fit()
-
-    def finish_fit(self) -> None:
-        """Final fit of every Gaussian with the kept network; calibrate; drop what a fit no longer needs.
-
-        With calibration the held-out normals stay out of the final fit (split conformal).
-        """
-        self.model.fit_from(self.held_out.loader("fit" if self.calibrating else "all"), self.preprocess)
-        if self.calibrating:
-            self.calibrate()
-        self.held_out.release()
-
-    def calibrate(self) -> None:
-        """Score the held-out normals with the final model and fix the conformal thresholds."""
-        loader = self.held_out.loader("held_out")
-        thresholds = self.calibrator.calibrate(self.model, loader, self.preprocess, self.hparams.false_alarm_rate)
-        if isinstance(self.post_processor, CalibratedPostProcessor):
-            self.post_processor.set_calibration(**thresholds)
+        self.model.fit(keep_statistics=self.refitting)
+        self.finish_held_out()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict on validation images (the post-processor learns its normalisation from them)."""

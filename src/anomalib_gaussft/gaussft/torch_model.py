@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
@@ -16,7 +17,9 @@ from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
 from .gaussian import StreamingGaussian
 from .hyperparameters import ImageScore, MapGaussian
+from .image_score import ScoreNormalisation, top_fraction_mean
 from .input_checks import non_finite_features_error
+from .regions import region_grid, region_index
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,14 @@ def pooled(features: torch.Tensor) -> torch.Tensor:
     return features.mean(dim=(2, 3)).unsqueeze(1)
 
 
+LAYOUT_GRID = 3  # the layout term pools the deepest map level to a 3 × 3 grid (DFM-like coarse layout)
+
+
+def layout_vector(features: torch.Tensor) -> torch.Tensor:
+    """``(N, C, h, w)`` → ``(N, 1, C · 9)``: the map pooled to a 3 × 3 grid, one joint sample per image."""
+    return F.adaptive_avg_pool2d(features, LAYOUT_GRID).flatten(1).unsqueeze(1)
+
+
 class GaussFTModel(DynamicBufferMixin):
     """Gaussian AD on multi-level features of a (fine-tunable) timm backbone.
 
@@ -64,8 +75,9 @@ class GaussFTModel(DynamicBufferMixin):
         backbone_weights: Local weights file that replaces the hub download.
         levels: Levels whose pooled features give the image score (``None`` = all).
         map_levels: Levels whose feature maps give the anomaly map (``None`` = default).
-        map_gaussian: ``"shared"`` or ``"per_position"``.
-        image_score: ``"gaussian_ad"`` or ``"map_max"``.
+        map_gaussian: ``"regional"``, ``"shared"`` or ``"per_position"``.
+        map_regions: Regions per side of the ``"regional"`` map Gaussians.
+        image_score: ``"local"``, ``"gaussian_ad"`` or ``"map_max"``.
         sigma: Blur of the anomaly map in pixels.
 
     """
@@ -78,8 +90,9 @@ class GaussFTModel(DynamicBufferMixin):
         backbone_weights: str | Path | None = None,
         levels: Sequence[int] | None = None,
         map_levels: Sequence[int] | None = None,
-        map_gaussian: MapGaussian | str = MapGaussian.SHARED,
-        image_score: ImageScore | str = ImageScore.GAUSSIAN_AD,
+        map_gaussian: MapGaussian | str = MapGaussian.REGIONAL,
+        map_regions: int = 7,
+        image_score: ImageScore | str = ImageScore.LOCAL,
         sigma: float = 4.0,
     ) -> None:
         super().__init__()
@@ -90,6 +103,7 @@ class GaussFTModel(DynamicBufferMixin):
             "map_levels",
         )
         self.map_gaussian = MapGaussian(map_gaussian)
+        self.map_regions = map_regions
         self.image_score = ImageScore(image_score)
         self.image_size = tuple(image_size)
         self.used_levels = sorted(set(self.levels) | set(self.map_levels))
@@ -101,7 +115,15 @@ class GaussFTModel(DynamicBufferMixin):
         self.map_gaussians = nn.ModuleDict(
             {str(lvl): StreamingGaussian(self._map_groups(lvl), shapes[lvl][0]) for lvl in self.map_levels}
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
+        # Layout term of the "local" image score: the deepest map level pooled to 3 × 3, one joint Gaussian.
+        self.layout_level = max(self.map_levels)
+        self.layout_gaussian = (
+            StreamingGaussian(1, shapes[self.layout_level][0] * LAYOUT_GRID**2)
+            if self.image_score == ImageScore.LOCAL
+            else None
+        )
+        self.score_normalisation = ScoreNormalisation()
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, image_size=self.image_size)
         self.register_buffer("is_fitted", torch.tensor(False))
         # Plain-bool mirror of ``is_fitted``: torch.export traces with fake buffers whose value is unknown.
         self._fitted = False
@@ -140,11 +162,22 @@ class GaussFTModel(DynamicBufferMixin):
 
     def _map_groups(self, level: int) -> int:
         height, width = self.map_sizes[level]
+        if self.map_gaussian == MapGaussian.REGIONAL:
+            rows, cols = region_grid(height, width, self.map_regions)
+            return rows * cols
         return height * width if self.map_gaussian == MapGaussian.PER_POSITION else 1
 
+    def _region_index(self, level: int, height: int, width: int, device: torch.device) -> torch.Tensor | None:
+        """Region of each position of a level's ``height × width`` map (``None`` unless regional)."""
+        if self.map_gaussian != MapGaussian.REGIONAL:
+            return None
+        grid = region_grid(*self.map_sizes[level], self.map_regions)
+        return region_index(height, width, grid, device)
+
     def gaussians(self) -> list[StreamingGaussian]:
-        """All Gaussians of the model (image level, then map level)."""
-        return [*self.image_gaussians.values(), *self.map_gaussians.values()]
+        """All Gaussians of the model (image level, map level, then the layout Gaussian)."""
+        layout = [self.layout_gaussian] if self.layout_gaussian is not None else []
+        return [*self.image_gaussians.values(), *self.map_gaussians.values(), *layout]
 
     # ---- features --------------------------------------------------------------------------------
     pooled = staticmethod(pooled)
@@ -187,6 +220,8 @@ class GaussFTModel(DynamicBufferMixin):
                 )
                 raise ValueError(msg)
             return features.reshape(n, c, h * w).transpose(1, 2)
+        if self.map_gaussian == MapGaussian.REGIONAL:
+            return features.reshape(n, c, h * w).transpose(1, 2)
         return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
 
     # ---- statistics ------------------------------------------------------------------------------
@@ -197,7 +232,11 @@ class GaussFTModel(DynamicBufferMixin):
             gaussian.update(pooled(features[int(lvl)]))
         if not image_only:
             for lvl, gaussian in self.map_gaussians.items():
-                gaussian.update(self._map_samples(int(lvl), features[int(lvl)]))
+                feats = features[int(lvl)]
+                index = self._region_index(int(lvl), *feats.shape[-2:], feats.device)
+                gaussian.update(self._map_samples(int(lvl), feats), group_index=index)
+            if self.layout_gaussian is not None:
+                self.layout_gaussian.update(layout_vector(features[self.layout_level]))
 
     @torch.no_grad()
     def update_statistics(self, images: torch.Tensor, image_only: bool = False) -> Features:
@@ -212,11 +251,15 @@ class GaussFTModel(DynamicBufferMixin):
             gaussian.reset()
 
     @torch.no_grad()
-    def fit(self, image_only: bool = False) -> None:
-        """Fit the Gaussians from the accumulated statistics (``image_only``: the image-level ones only)."""
+    def fit(self, image_only: bool = False, keep_statistics: bool = False) -> None:
+        """Fit the Gaussians from the accumulated statistics (``image_only``: the image-level ones only).
+
+        ``keep_statistics``: keep the accumulated moments, so that more images can be added and fitted again.
+        """
         for gaussian in self.image_gaussians.values() if image_only else self.gaussians():
             gaussian.fit()
-            gaussian.reset()
+            if not keep_statistics:
+                gaussian.reset()
         if image_only:  # the anomaly-map Gaussians are not fitted: the model is not usable for inference yet
             return
         self.set_fitted(True)
@@ -237,6 +280,7 @@ class GaussFTModel(DynamicBufferMixin):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         image_only: bool = False,
         on_features: Callable[[Any, Features], None] | None = None,
+        keep_statistics: bool = False,
     ) -> None:
         """Re-estimate the Gaussians from one pass over ``loader`` with the current network.
 
@@ -248,7 +292,7 @@ class GaussFTModel(DynamicBufferMixin):
             self.accumulate(item.features, image_only=image_only)
             if on_features is not None:
                 on_features(item.batch, item.features)
-        self.fit(image_only=image_only)
+        self.fit(image_only=image_only, keep_statistics=keep_statistics)
 
     # ---- scores ----------------------------------------------------------------------------------
     def level_distances(self, features: Features) -> torch.Tensor:
@@ -266,9 +310,23 @@ class GaussFTModel(DynamicBufferMixin):
         for lvl, gaussian in self.map_gaussians.items():
             feats = features[int(lvl)]
             n, c, h, w = feats.shape
-            squared = gaussian.squared_mahalanobis(self._map_samples(int(lvl), feats))
+            index = self._region_index(int(lvl), h, w, feats.device)
+            squared = gaussian.squared_mahalanobis(self._map_samples(int(lvl), feats), group_index=index)
             maps.append(torch.sqrt(squared.clamp_min(0) / c).reshape(n, 1, h, w))
         return maps
+
+    def anomaly_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """The anomaly map ``(N, 1, H, W)`` at ``image_size``."""
+        return self.anomaly_map_generator(self.level_maps(features), image_size)
+
+    def score_terms(self, features: Features, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)`` raw terms of the "local" image score: layout distance, mean of the map's top 1 %."""
+        if self.layout_gaussian is None:
+            msg = f"score_terms needs image_score='local' (this model has {self.image_score.value!r})."
+            raise ValueError(msg)
+        squared = self.layout_gaussian.squared_mahalanobis(layout_vector(features[self.layout_level]))
+        layout = torch.sqrt(squared.clamp_min(0)).squeeze(1)
+        return torch.stack([layout, top_fraction_mean(anomaly_map)], dim=1)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score images: ``pred_score`` ``(N,)`` and ``anomaly_map`` ``(N, 1, H, W)``."""
@@ -288,8 +346,10 @@ class GaussFTModel(DynamicBufferMixin):
 
         ``level_distances``: :meth:`level_distances` of the same features, when the caller has them already.
         """
-        anomaly_map = self.anomaly_map_generator(self.level_maps(features), image_size)
-        if self.image_score == ImageScore.MAP_MAX:
+        anomaly_map = self.anomaly_map(features, image_size)
+        if self.image_score == ImageScore.LOCAL:
+            pred_score = self.score_normalisation(self.score_terms(features, anomaly_map))
+        elif self.image_score == ImageScore.MAP_MAX:
             pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         else:
             distances = self.level_distances(features) if level_distances is None else level_distances
