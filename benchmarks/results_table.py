@@ -1,0 +1,136 @@
+"""One table of every model side by side on the real sets (docs/results.md), from the result rows of the runs.
+
+Reads result rows written by ``benchmarks/local_evidence_baselines.py`` (compare.py's child job per model and set,
+with per-image scores saved): the GaussFT rows of ``--results`` and the PaDiM / PatchCore / DFM rows (and the
+pre-#14 GaussFT default, ``gaussft_frozen``) of ``--baselines``. Same backbone (``tf_efficientnet_lite0``, 224 px),
+same training subsets (at most 200 images, compare.py's seeded draw), complete test sets, raw scores, sklearn
+AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
+resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
+
+    python benchmarks/results_table.py --results docs/results/results.jsonl \
+        --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+SETS = ("elpv_mono", "elpv_poly", "bsdata", "brick", "grass", "gravel")
+BASELINES = ("padim", "patchcore", "dfm")
+LABELS = {
+    "gaussft_default": "**GaussFT default** (fine-tuned, regional maps, local score)",
+    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, regional maps, local score)",
+    "gaussft_frozen": "GaussFT before #14 (frozen, shared maps, paper's pooled score)",
+    "padim": "PaDiM (blocks 1, 2, 4; 100 dims)",
+    "patchcore": "PatchCore (blocks 2, 4; coreset 2 %)",
+    "dfm": "DFM (block 4, PCA 97 %)",
+}
+
+
+def load_rows(path: Path) -> dict[tuple[str, str], dict]:
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[(row["model"], row["dataset"])] = row
+    return rows
+
+
+def paired_bootstrap(labels: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple:
+    """AUROC(a) − AUROC(b) and its 95 % percentile interval (normal and anomalous images resampled separately)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        diffs.append(roc_auc_score(labels[idx], a[idx]) - roc_auc_score(labels[idx], b[idx]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return roc_auc_score(labels, a) - roc_auc_score(labels, b), lo, hi
+
+
+def aligned_scores(ours: Path, theirs: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and both models' scores on the same test images (aligned by path)."""
+    a, b = np.load(ours), np.load(theirs)
+    order = {p: i for i, p in enumerate(a["path"])}
+    idx = np.array([order[p] for p in b["path"]])
+    if not (a["label"][idx] == b["label"]).all():
+        msg = f"labels differ between {ours} and {theirs}"
+        raise ValueError(msg)
+    return b["label"].astype(int), a["score"][idx], b["score"]
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=Path("docs/results/results.jsonl"))
+    parser.add_argument("--baselines", type=Path, default=Path("docs/local_evidence/baselines.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/table.md"))
+    args = parser.parse_args(argv)
+    rows = {**load_rows(args.baselines), **load_rows(args.results)}
+    models = [m for m in LABELS if any((m, s) in rows for s in SETS)]
+    sets = [s for s in SETS if ("gaussft_default", s) in rows]
+    lines = [
+        "| model | "
+        + " | ".join(f"{s} image" for s in sets)
+        + " | "
+        + " | ".join(f"{s} pixel" for s in sets if rows[("gaussft_default", s)].get("pixel_auroc") is not None)
+        + " | statistics MiB | fit s (ELPV mono) |",
+    ]
+    pixel_sets = [s for s in sets if rows[("gaussft_default", s)].get("pixel_auroc") is not None]
+    lines.append("|---|" + "---:|" * (len(sets) + len(pixel_sets) + 2))
+    best_image = {s: max(rows[(m, s)]["image_auroc"] for m in BASELINES if (m, s) in rows) for s in sets}
+    for model in models:
+        cells = []
+        for s in sets:
+            value = rows.get((model, s), {}).get("image_auroc")
+            bold = value is not None and model in BASELINES and value == best_image[s]
+            cells.append(f"**{fmt(value)}**" if bold else fmt(value))
+        for s in pixel_sets:
+            value = rows.get((model, s), {}).get("pixel_auroc")
+            bold = value is not None and model == "patchcore"
+            cells.append(f"*{fmt(value)}*" if bold else fmt(value))
+        stats = rows.get((model, sets[0]), {}).get("stats_mb")
+        fit = rows.get((model, "elpv_mono"), {}).get("fit_s")
+        lines.append(
+            f"| {LABELS[model]} | " + " | ".join(cells) + f" | {stats:.1f} | {fit:.0f} |"
+            if stats is not None and fit is not None
+            else f"| {LABELS[model]} | " + " | ".join(cells) + " | – | – |"
+        )
+    lines += ["", "Bold: the best baseline's image AUROC; italic: PatchCore's pixel AUROC (the issue's bars).", ""]
+    lines += [
+        "| set | default − best baseline, image AUROC [95 % CI] | frozen − best baseline [95 % CI] | "
+        "default − PatchCore, pixel AUROC |",
+        "|---|---:|---:|---:|",
+    ]
+    for s in sets:
+        best = max((m for m in BASELINES if (m, s) in rows), key=lambda m: rows[(m, s)]["image_auroc"])
+        cells = []
+        for ours in ("gaussft_default", "gaussft_default_frozen"):
+            if (ours, s) not in rows:
+                cells.append("–")
+                continue
+            labels, a, b = aligned_scores(
+                args.results.parent / "scores" / f"{ours}__{s}.npz",
+                args.baselines.parent / "scores" / f"{best}__{s}.npz",
+            )
+            diff, lo, hi = paired_bootstrap(labels, a, b)
+            cells.append(f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] ({best})")
+        pixel = rows[("gaussft_default", s)].get("pixel_auroc")
+        pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
