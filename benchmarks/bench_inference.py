@@ -101,10 +101,12 @@ def export_backbone(path: Path, image_size: int, weights: Path | None) -> Path:
     import openvino as ov
     import torch
 
-    from anomalib_gaussft.gaussft.feature_extractor import create_backbone
+    from anomalib_gaussft.gaussft.feature_extractor import MultiLevelFeatureExtractor
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    backbone = create_backbone(BACKBONE, pre_trained=weights is None, weights_path=weights).eval()
+    extractor = MultiLevelFeatureExtractor(BACKBONE, pre_trained=True, weights_path=weights)
+    extractor.ensure_weights()
+    backbone = extractor.model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
     batch = torch.export.Dim("batch")
     onnx_path = path.with_suffix(".onnx")

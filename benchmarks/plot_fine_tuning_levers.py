@@ -150,12 +150,10 @@ def table(runs: list[dict], names: list[str], rule: str) -> str:
     for name in names:
         cells, deltas = [], []
         for s in sets:
-            sel = [r for r in runs if r["dataset"] == s and r["name"] == name]
+            sel, vals, d = selected(runs, s, name, rule)
             if not sel:
                 cells.append("—")
                 continue
-            vals = [r["selections"][rule]["test_auroc"] for r in sel]
-            d = [r["selections"][rule]["test_auroc"] - r["selections"]["frozen"]["test_auroc"] for r in sel]
             deltas.append(np.mean(d))
             extra = ""
             if rule == "wise":
@@ -166,6 +164,14 @@ def table(runs: list[dict], names: list[str], rule: str) -> str:
         mean_delta = f"{100 * np.mean(deltas):+.2f}" if deltas else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_delta} |")
     return "\n".join(lines)
+
+
+def selected(runs: list[dict], dataset: str, name: str, rule: str) -> tuple[list[dict], list[float], list[float]]:
+    """The runs of ``name`` on ``dataset``, their test AUROCs under ``rule`` and the deltas to frozen."""
+    sel = [r for r in runs if r["dataset"] == dataset and r["name"] == name]
+    vals = [r["selections"][rule]["test_auroc"] for r in sel]
+    deltas = [r["selections"][rule]["test_auroc"] - r["selections"]["frozen"]["test_auroc"] for r in sel]
+    return sel, vals, deltas
 
 
 def final_table(runs: list[dict], rows: list[tuple[str, str, str]], sets: list[str]) -> str:
@@ -183,12 +189,10 @@ def final_table(runs: list[dict], rows: list[tuple[str, str, str]], sets: list[s
     for name, rule, label in rows:
         cells, deltas, worst = [], {}, []
         for s in sets:
-            sel = [r for r in runs if r["dataset"] == s and r["name"] == name]
+            sel, vals, d = selected(runs, s, name, rule)
             if not sel:
                 cells.append("—")
                 continue
-            vals = [r["selections"][rule]["test_auroc"] for r in sel]
-            d = [r["selections"][rule]["test_auroc"] - r["selections"]["frozen"]["test_auroc"] for r in sel]
             deltas[s] = np.mean(d)
             worst += d
             cells.append(f"{fmt(vals)} (Δ {100 * np.mean(d):+.1f}, n={len(sel)})")

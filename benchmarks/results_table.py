@@ -41,6 +41,10 @@ def load_rows(path: Path) -> dict[tuple[str, str], dict]:
     return rows
 
 
+def rows_models(rows: dict[tuple[str, str], dict]) -> set[str]:
+    return {model for model, _ in rows}
+
+
 def paired_bootstrap(labels: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple:
     """AUROC(a) − AUROC(b) and its 95 % percentile interval (normal and anomalous images resampled separately)."""
     rng = np.random.default_rng(seed)
@@ -126,6 +130,21 @@ def main(argv: list[str] | None = None) -> int:
         pixel = rows[("gaussft_default", s)].get("pixel_auroc")
         pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
+    seeded = [m for m in rows_models(rows) if m.startswith("gaussft_default_frozen_seed")]
+    if seeded:
+        runs = ["gaussft_default_frozen", *sorted(seeded)]
+        lines += [
+            "",
+            f"GaussFT frozen over held-out seeds (`seed` 0-{len(runs) - 1}: which 20 % are held out), image AUROC:",
+            "",
+            "| set | " + " | ".join(f"seed {i}" for i in range(len(runs))) + " | mean ± std |",
+            "|---|" + "---:|" * (len(runs) + 1),
+        ]
+        for s in sets:
+            values = [rows[(m, s)]["image_auroc"] for m in runs if (m, s) in rows]
+            if len(values) == len(runs):
+                spread = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+                lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {spread} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

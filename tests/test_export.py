@@ -167,6 +167,14 @@ def test_openvino_fp32_matches_lightning_forward(fitted: Fitted, openvino_path: 
     np.testing.assert_allclose(single["pred_score"].reshape(-1), fitted.score[:1], rtol=0, atol=FP32_ATOL)
 
 
+def test_openvino_with_a_static_input_size_compiles_and_matches(fitted: Fitted) -> None:
+    """``input_size`` makes the resize and blur matrices constants, which OpenVINO's CPU plugin once fused wrongly."""
+    path = fitted.engine.export(
+        fitted.model, ExportType.OPENVINO, export_root=fitted.root / "static", input_size=(64, 64)
+    )
+    _assert_matches(_run_openvino(path, fitted.images), fitted, FP32_ATOL)
+
+
 def test_onnx_graph_whitens_with_matmul_only_and_holds_just_the_weights(fitted: Fitted, onnx_path: Path) -> None:
     graph = onnx.load(str(onnx_path))  # loads model.onnx.data too
     op_types = {node.op_type for node in graph.graph.node}

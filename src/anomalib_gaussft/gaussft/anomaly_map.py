@@ -64,7 +64,7 @@ class AnomalyMapGenerator(nn.Module):
             return anomaly_map
         rows, cols = self._blur_matrices(tuple(anomaly_map.shape[-2:]))
         rows, cols = rows.to(anomaly_map), cols.to(anomaly_map)
-        return rows @ anomaly_map @ cols.T
+        return rows @ (anomaly_map @ cols.T)  # constant left operand last: see AntialiasedResize.forward
 
     def forward(self, level_maps: list[torch.Tensor], image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
         """``level_maps``: ``(N, 1, h, w)`` each → ``(N, 1, H, W)`` anomaly map."""

@@ -51,7 +51,10 @@ class AntialiasedResize(nn.Module):
         """Resized images."""
         rows = torch.arange(images.shape[-2], dtype=images.dtype, device=images.device) + 0.5
         cols = torch.arange(images.shape[-1], dtype=images.dtype, device=images.device) + 0.5
-        return resize_weights(rows, self.size[0]) @ images @ resize_weights(cols, self.size[1]).T
+        # R · (X · Cᵀ), not (R · X) · Cᵀ: with a static input size OpenVINO's CPU plugin turns a product whose
+        # right operand is constant into a fully-connected layer and fuses the next per-channel Normalize into
+        # it as if its channels were the last axis, and the compilation fails ("data.size() == OC").
+        return resize_weights(rows, self.size[0]) @ (images @ resize_weights(cols, self.size[1]).T)
 
 
 def exportable_transform(transform: Transform | None) -> Any:  # noqa: ANN401 - a transform or a module
