@@ -212,17 +212,16 @@ class GaussFTModel(DynamicBufferMixin):
     def _map_samples(self, level: int, features: torch.Tensor) -> torch.Tensor:
         """``(N, C, h, w)`` → samples for the level's map Gaussian."""
         n, c, h, w = features.shape
-        if self.map_gaussian == MapGaussian.PER_POSITION:
-            if not torch.compiler.is_compiling() and (h, w) != tuple(self.map_sizes[level]):
-                msg = (
-                    f"Per-position Gaussians were built for feature maps of {tuple(self.map_sizes[level])} at level "
-                    f"{level} (image_size {self.image_size}); got {(h, w)}. Feed images of the fitted size."
-                )
-                raise ValueError(msg)
-            return features.reshape(n, c, h * w).transpose(1, 2)
-        if self.map_gaussian == MapGaussian.REGIONAL:
-            return features.reshape(n, c, h * w).transpose(1, 2)
-        return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
+        if self.map_gaussian == MapGaussian.SHARED:
+            return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
+        wrong_size = (h, w) != tuple(self.map_sizes[level])
+        if self.map_gaussian == MapGaussian.PER_POSITION and not torch.compiler.is_compiling() and wrong_size:
+            msg = (
+                f"Per-position Gaussians were built for feature maps of {tuple(self.map_sizes[level])} at level "
+                f"{level} (image_size {self.image_size}); got {(h, w)}. Feed images of the fitted size."
+            )
+            raise ValueError(msg)
+        return features.reshape(n, c, h * w).transpose(1, 2)  # per position / regional: one slot per position
 
     # ---- statistics ------------------------------------------------------------------------------
     @torch.no_grad()
