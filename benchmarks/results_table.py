@@ -145,6 +145,29 @@ def main(argv: list[str] | None = None) -> int:
             if len(values) == len(runs):
                 spread = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
                 lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {spread} |")
+    pairs = [("gaussft_default", "gaussft_default_frozen", 0)]
+    pairs += [
+        (m, m.replace("gaussft_default_seed", "gaussft_default_frozen_seed"), int(m.rsplit("seed", 1)[1]))
+        for m in sorted(rows_models(rows))
+        if m.startswith("gaussft_default_seed")
+    ]
+    if len(pairs) > 1:
+        lines += [
+            "",
+            "Fine-tuned (default) minus frozen GaussFT, image AUROC, same held-out seed:",
+            "",
+            "| set | " + " | ".join(f"seed {seed}" for _, _, seed in pairs) + " |",
+            "|---|" + "---:|" * len(pairs),
+        ]
+        for s in sets:
+            cells = [
+                f"{rows[(ft, s)]['image_auroc'] - rows[(fr, s)]['image_auroc']:+.4f}"
+                if (ft, s) in rows and (fr, s) in rows
+                else "–"
+                for ft, fr, _ in pairs
+            ]
+            if any(cell != "–" for cell in cells[1:]):
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
