@@ -143,10 +143,10 @@ class FittedModelGuards:
     def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:  # noqa: ANN401
         """INT8 post-training quantization as anomalib's, with the Gaussian head's matrix products kept in float.
 
-        The backbone's convolutions are where int8 pays. The head's MatMul/Einsum (whitening, blur) are a small
-        share of the compute, and NNCF's bias correction fails on the blur's MatMul ("cannot reshape array of
-        size 672 into shape (1,3,1,1)" at 224 px), so they are left out (``nncf.IgnoredScope``). The rest is
-        anomalib's ``_post_training_quantization_ov``.
+        The backbone's convolutions are where int8 pays. The matrix products (resize, whitening, blur) are a small
+        share of the compute, and with a static input size NNCF's bias correction fails on them ("cannot reshape
+        array of size 672 into shape (1,3,1,1)" at 224 px), so they are left out (``nncf.IgnoredScope``). The
+        rest is anomalib's ``_post_training_quantization_ov``.
         """
         import nncf
 

@@ -69,12 +69,11 @@ def normalise_on_held_out(
     loader: Iterable[Any],
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
     refit: bool,
-) -> int:
+) -> None:
     """Fix the score normalisation from the held-out normals; with ``refit``, then refit on every image.
 
     ``model`` must be fitted with its accumulated statistics kept (``fit(keep_statistics=True)``) when ``refit``:
     the held-out images' moments are added to them and all Gaussians are fitted again, so no image is wasted.
-    Returns the number of held-out images.
     """
     terms = []
     for item in model.iter_features(loader, transform):
@@ -93,4 +92,3 @@ def normalise_on_held_out(
     )
     if refit:
         model.fit()
-    return len(terms)
