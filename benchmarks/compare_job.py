@@ -134,6 +134,8 @@ def run_job(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
         result["fine_tune_best_epoch"] = model.forgetting.best_epoch
         result["fine_tune_epochs_run"] = max(0, len(model.forgetting.history) - 1)
         result["fine_tune_kept_alpha"] = model.forgetting.kept_alpha  # WiSE-FT weight kept (None: best epoch)
+        result["fine_tune_history"] = model.forgetting.history  # per epoch: loss, pseudo-anomaly AUROCs
+        result["fine_tune_interpolation"] = model.forgetting.interpolation  # per WiSE-FT α: pseudo-anomaly AUROC
     result.update(evaluate(model, datamodule.test_dataloader(), dataset["masks"]))
     result["throughput_b1"] = throughput(model, datamodule.test_dataloader(), 1, job["throughput_seconds"])
     result["throughput_b16"] = throughput(model, datamodule.test_dataloader(), 16, job["throughput_seconds"])

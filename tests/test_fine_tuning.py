@@ -36,26 +36,33 @@ def _fit_gaussians(model: GaussFT, images: torch.Tensor) -> None:
 
 def _loss(model: GaussFT, images: torch.Tensor, folds: torch.Tensor | None = None, loss=None) -> torch.Tensor:
     """The fine-tuning loss of pre-processed images (``folds``: each image's cross-fitting fold)."""
-    pooled = model.model.pooled_features(model.model.extract(images))
-    return (loss or model.loss)(pooled, model.model.image_gaussians, folds)
+    kind = model.hparams.loss_features
+    samples = model.model.loss_samples(model.model.extract(images), kind)
+    return (loss or model.loss)(samples, model.model.loss_targets(kind), folds)
+
+
+def _descend(model: GaussFT, images: torch.Tensor, learning_rate: float, steps: int = 10) -> list[float]:
+    """The loss over ``steps`` AdamW steps on fixed images against fixed Gaussians."""
+    from anomalib_gaussft.gaussft.trainable_layers import fine_tuning_optimizer
+
+    trainable = [p for p in model.model.parameters() if p.requires_grad]
+    optimizer = fine_tuning_optimizer(trainable, learning_rate, 1e-4, "constant", total_steps=steps, epochs=1)
+    losses = []
+    for _ in range(steps):
+        optimizer["optimizer"].zero_grad()
+        loss = _loss(model, images)
+        loss.backward()
+        optimizer["optimizer"].step()
+        losses.append(loss.item())
+    return losses
 
 
 def test_fine_tuning_steps_lower_the_mahalanobis_loss() -> None:
     model = _tiny(fine_tune_epochs=1, learning_rate=1e-3)
     images = torch.rand(16, 3, 64, 64)
     _fit_gaussians(model, images)
-    from anomalib_gaussft.gaussft.trainable_layers import fine_tuning_optimizer
-
-    trainable = [p for p in model.model.parameters() if p.requires_grad]
-    optimizer = fine_tuning_optimizer(trainable, 1e-3, 1e-4, "constant", total_steps=10, epochs=1)["optimizer"]
     model.model.train()
-    losses = []
-    for _ in range(10):
-        optimizer.zero_grad()
-        loss = _loss(model, images)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _descend(model, images, learning_rate=1e-3)
     assert losses[-1] < 0.8 * losses[0]
 
 
@@ -67,7 +74,7 @@ def test_cross_fitted_loss_scores_each_image_against_the_other_fold() -> None:
     folds = torch.tensor([0, 1] * 6)
     with torch.no_grad():
         features = model.model.extract(images)
-        model.loss.update(model.model.pooled_features(features), folds)
+        model.loss.update(model.model.loss_samples(features, "pooled"), folds)
         model.loss.fit()
         fold_gaussians = []
         for index in range(2):
@@ -101,7 +108,7 @@ def test_euclidean_center_loss_matches_a_numpy_reference() -> None:
     with torch.no_grad():
         features = model.model.extract(images)
         actual = _loss(model, images)  # no folds: against the model's own Gaussians
-        mahalanobis = _loss(model, images, loss=GaussianLoss(model.loss.level_dims, "in_sample", "mahalanobis"))
+        mahalanobis = _loss(model, images, loss=GaussianLoss(model.loss.target_shapes, "in_sample", "mahalanobis"))
     expected = 0.0
     for level, gaussian in model.model.image_gaussians.items():
         pooled = model.model.pooled(features[int(level)])[:, 0].double().numpy()
@@ -341,9 +348,12 @@ class _Interrupt(Callback):
 
 
 @pytest.mark.slow
-def test_interrupted_fine_tuning_resumes_to_the_same_scores(texture_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss_features", ["pooled", "local"])
+def test_interrupted_fine_tuning_resumes_to_the_same_scores(
+    texture_root: Path, tmp_path: Path, loss_features: str
+) -> None:
     def make() -> GaussFT:
-        return _tiny(fine_tune_epochs=3, patience=5, learning_rate=1e-3)
+        return _tiny(fine_tune_epochs=3, patience=5, learning_rate=1e-3, loss_features=loss_features)
 
     def scores(model: GaussFT) -> torch.Tensor:
         model.eval()
@@ -361,7 +371,8 @@ def test_interrupted_fine_tuning_resumes_to_the_same_scores(texture_root: Path, 
     engine = Engine(default_root_dir=tmp_path / "b", logger=False, callbacks=[checkpoints, _Interrupt(after_epoch=1)])
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
         engine.fit(model=interrupted, datamodule=_datamodule(texture_root))
-    assert not bool(interrupted.model.is_fitted) or interrupted.forgetting.history[-1]["epoch"] < 3
+    assert interrupted.forgetting.history[-1]["epoch"] < 3
+    assert not bool(interrupted.model.is_fitted)  # an interrupted fine-tuning is not a usable model
 
     seed_everything(123)  # a different global state: the resumed run must not depend on it
     resumed = make()
@@ -402,3 +413,85 @@ def test_forgetting_auroc_ranks_raw_distances_like_sklearn() -> None:
     assert 0.6 < expected < 0.95
     assert separation_auroc(normal, anomalous) == pytest.approx(expected, abs=1e-6)
     assert separation_auroc(normal, normal + 1e4) == 1.0
+
+
+def test_local_loss_is_the_mean_squared_map_plus_the_layout_distance() -> None:
+    """In-sample local loss = Σ_map levels mean(level map²) + mean(layout d²) / D: a reference via the scoring path."""
+    model = _tiny(fine_tune_epochs=1, loss_features="local", loss_gaussian="in_sample").eval()
+    images = torch.rand(12, 3, 64, 64)
+    _fit_gaussians(model, images)
+    with torch.no_grad():
+        features = model.model.extract(images)
+        actual = _loss(model, images)
+        maps = sum(level_map.square().mean() for level_map in model.model.level_maps(features))
+        layout_distance = model.model.score_terms(features, torch.zeros(12, 1, 64, 64))[:, 0]  # d, not d²
+        expected = maps + layout_distance.square().mean() / model.model.layout_gaussian.dim
+    assert set(model.loss.target_shapes) == {"map_3", "map_4", "map_5", "layout"}
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_fitted_local_loss_uses_the_other_folds_regional_gaussians() -> None:
+    from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
+
+    model = _tiny(fine_tune_epochs=1, loss_features="local").eval()
+    images = torch.rand(12, 3, 64, 64)
+    folds = torch.tensor([0, 1] * 6)
+    with torch.no_grad():
+        features = model.model.extract(images)
+        samples = model.model.loss_samples(features, "local")
+        model.loss.update(samples, folds)
+        model.loss.fit()
+        actual = _loss(model, images, folds)
+        expected = 0.0
+        for name, target in model.model.loss_targets("local").items():
+            values, index = samples[name]
+            per_fold = []
+            for fold in (0, 1):  # an independent fit of each fold's Gaussians
+                gaussian = StreamingGaussian(target.groups, target.dim)
+                gaussian.update(values[folds == fold], group_index=index)
+                gaussian.fit()
+                per_fold.append(gaussian.squared_mahalanobis(values, group_index=index))
+            other = torch.where((folds == 0)[:, None], per_fold[1], per_fold[0])
+            expected += other.mean() / target.dim
+    torch.testing.assert_close(actual, torch.as_tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_local_loss_trains_the_map_levels_and_lowers_with_steps() -> None:
+    model = _tiny(fine_tune_epochs=1, loss_features="local", loss_gaussian="in_sample")
+    assert model.trainable_levels == [3, 4, 5]  # the map levels' stages, not the deeper half
+    images = torch.rand(16, 3, 64, 64)
+    _fit_gaussians(model, images)
+    model.model.eval()  # no dropout noise: the descent itself is tested
+    losses = _descend(model, images, learning_rate=1e-4)
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(b < a for a, b in itertools.pairwise(losses))
+
+
+def test_forgetting_detection_ranks_by_the_models_image_score() -> None:
+    """The pseudo-anomaly AUROC of the local score: its terms z-scored on the held-out normals, summed (sklearn)."""
+    from types import SimpleNamespace
+
+    from sklearn.metrics import roc_auc_score
+
+    model = _tiny(fine_tune_epochs=1, loss_features="local")
+    _fit_gaussians(model, torch.rand(16, 3, 64, 64))
+    model.model.score_normalisation.mean.fill_(100.0)  # not fitted while fine-tuning: must not be used
+    normals = [torch.rand(6, 3, 64, 64), torch.rand(5, 3, 64, 64)]
+    held_out = SimpleNamespace(loader=lambda part: [SimpleNamespace(image=x) for x in normals])
+    cpu = torch.device("cpu")
+    pl_module = SimpleNamespace(model=model.model, device=cpu, held_out=held_out, preprocess=lambda x: x)
+    callback = ForgettingCallback(patience=None, pseudo_anomalies=["cutout", "mixup"], seed=0)
+    actual = callback.pseudo_anomaly_auroc(pl_module)
+    with torch.no_grad():
+        terms = [model.model.raw_score_terms(model.model.extract(x), (64, 64)) for x in normals]
+        anomalies = [
+            model.model.raw_score_terms(model.model.extract(images), (64, 64))
+            for index, x in enumerate(normals)
+            for images in callback.generator(x, index).values()
+        ]
+    normal_terms = torch.cat(terms).double()
+    z = lambda t: ((t.double() - normal_terms.mean(0)) / normal_terms.std(0)).sum(1)  # noqa: E731
+    scores = torch.cat([z(normal_terms), *[z(a) for a in anomalies]]).numpy()
+    labels = [0] * len(normal_terms) + [1] * (len(scores) - len(normal_terms))
+    assert normal_terms.shape[1] == 2  # layout and map terms
+    assert actual["all"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)

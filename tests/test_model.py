@@ -84,6 +84,7 @@ def test_bad_level_index_names_the_parameter(kwargs: dict, name: str) -> None:
         ({"map_gaussian": "pixel"}, "map_gaussian"),
         ({"image_size": 0}, "image_size"),
         ({"loss_distance": "cosine"}, "loss_distance"),
+        ({"loss_features": "patches"}, "loss_features"),
         ({"fine_tune_epochs": -1}, "fine_tune_epochs"),
         ({"held_out_fraction": 1.0}, "held_out_fraction"),
         ({"held_out_fraction": 0.0}, "held_out_fraction"),

@@ -106,22 +106,33 @@ class ForgettingCallback(Callback):
 
     @torch.no_grad()
     def pseudo_anomaly_auroc(self, pl_module: GaussFT) -> dict[str, float]:
-        """AUROC of held-out normals vs their pseudo-anomalies (per augmentation and pooled, ``"all"``)."""
+        """AUROC of held-out normals vs their pseudo-anomalies (per augmentation and pooled, ``"all"``).
+
+        Ranked by the model's own image score. The "local" score's terms are z-scored on these held-out normals,
+        as the final fit will z-score them (its constants are not fitted yet while fine-tuning).
+        """
         model = pl_module.model.eval()
         device = pl_module.device
 
-        def scores(images: torch.Tensor) -> torch.Tensor:
-            return model.pooled_image_score(model.extract(pl_module.preprocess(images.to(device)))).cpu()
+        def terms(images: torch.Tensor) -> torch.Tensor:
+            images = pl_module.preprocess(images.to(device))
+            return model.raw_score_terms(model.extract(images), images.shape[-2:]).double().cpu()
 
         normal, anomalous = [], {kind: [] for kind in self.generator.kinds}
         for index, batch in enumerate(pl_module.held_out.loader("held_out")):
-            normal.append(scores(batch.image))
+            normal.append(terms(batch.image))
             for kind, images in self.generator(batch.image, index).items():
-                anomalous[kind].append(scores(images))
-        normal_scores = torch.cat(normal)
+                anomalous[kind].append(terms(images))
+        normal_terms = torch.cat(normal)
+        mean, std = normal_terms.mean(0), normal_terms.std(0).nan_to_num(1.0).clamp_min(1e-12)
 
-        result = {kind: separation_auroc(normal_scores, torch.cat(parts)) for kind, parts in anomalous.items()}
-        result["all"] = separation_auroc(normal_scores, torch.cat([torch.cat(parts) for parts in anomalous.values()]))
+        def scores(parts: list[torch.Tensor]) -> torch.Tensor:
+            return ((torch.cat(parts) - mean) / std).sum(1)
+
+        normal_scores = scores(normal)
+        anomalous_scores = {kind: scores(parts) for kind, parts in anomalous.items()}
+        result = {kind: separation_auroc(normal_scores, values) for kind, values in anomalous_scores.items()}
+        result["all"] = separation_auroc(normal_scores, torch.cat(list(anomalous_scores.values())))
         return result
 
     def evaluate(self, trainer: Trainer, pl_module: GaussFT, epoch: int, loss: float) -> None:

@@ -281,7 +281,13 @@ class StreamingGaussian(nn.Module):
         whitened = torch.einsum("gij,ngj->ngi", whitening, centred)
         return (whitened * whitened).sum(-1)
 
-    def squared_euclidean(self, samples: torch.Tensor) -> torch.Tensor:
-        """Squared Euclidean distance to the mean over the average variance, ``(N, groups)`` (≈ dim, like d²)."""
-        centred = samples - self.mean
-        return (centred * centred).sum(-1) / self.mean_variance
+    def squared_euclidean(self, samples: torch.Tensor, group_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared Euclidean distance to the mean over the average variance, ``(N, groups)`` (≈ dim, like d²).
+
+        ``group_index``: as in :meth:`squared_mahalanobis`.
+        """
+        mean, variance = self.mean, self.mean_variance
+        if group_index is not None:
+            mean, variance = mean[group_index], variance[group_index]
+        centred = samples - mean
+        return (centred * centred).sum(-1) / variance

@@ -10,6 +10,7 @@ from anomalib.data import Batch
 
 from .calibration import CalibratedPostProcessor, check_achievable_rate
 from .held_out import HeldOutSplit
+from .hyperparameters import ImageScore
 from .image_score import UNNORMALISED_WARNING, normalise_on_held_out
 
 if TYPE_CHECKING:
@@ -42,16 +43,22 @@ class HeldOutFitting:
         return held_out
 
     def refit_targets(self: GaussFT) -> None:
-        """Re-estimate the image Gaussians and the loss's fold Gaussians on the fit images (current network)."""
+        """Re-estimate the model's and the loss's fold Gaussians on the fit images (current network).
+
+        Only the pooled Gaussians when neither the loss nor the image score reads the maps (the faster pass).
+        """
         self.loss.reset()
+        kind = self.hparams.loss_features
 
         def update_folds(batch: Batch, features: dict[int, torch.Tensor]) -> None:
-            self.loss.update(self.model.pooled_features(features), self.held_out.folds(batch.image_path, self.device))
+            folds = self.held_out.folds(batch.image_path, self.device)
+            self.loss.update(self.model.loss_samples(features, kind), folds)
 
+        pooled_only = kind == "pooled" and self.model.image_score == ImageScore.GAUSSIAN_AD
         loader = self.held_out.loader("fit")
-        self.model.fit_from(
-            loader, self.preprocess, image_only=True, on_features=update_folds if self.loss.cross_fitted else None
-        )
+        on_features = update_folds if self.loss.cross_fitted else None
+        self.model.fit_from(loader, self.preprocess, image_only=pooled_only, on_features=on_features, quiet=True)
+        self.model.set_fitted(False)  # usable only after finish_fit (score normalisation, final refit)
         if self.loss.cross_fitted:
             self.loss.fit()
 

@@ -42,6 +42,13 @@ class LossDistance(str, Enum):
     EUCLIDEAN = "euclidean"  # ablation: a center loss, no whitening
 
 
+class LossFeatures(str, Enum):
+    """Which features the fine-tuning loss pulls toward their Gaussians."""
+
+    POOLED = "pooled"  # the paper's: the pooled features of the image-score levels
+    LOCAL = "local"  # what the local image score reads: every map position (its region's Gaussian) and the layout
+
+
 class LossGaussian(str, Enum):
     """Which Gaussians the fine-tuning loss measures a training image against."""
 
@@ -55,6 +62,7 @@ MapGaussianName = Literal["shared", "per_position", "regional"]
 ImageScoreName = Literal["gaussian_ad", "map_max", "local"]
 LossDistanceName = Literal["mahalanobis", "euclidean"]
 LossGaussianName = Literal["cross_fit", "in_sample"]
+LossFeaturesName = Literal["pooled", "local"]
 PseudoAnomalyName = Literal["mixup", "cutmix", "cutout", "augmix"]
 LrScheduleName = Literal["warmup_cosine", "constant"]
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -88,6 +96,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "image_score": _choice(ImageScore),
     "loss_distance": _choice(LossDistance),
     "loss_gaussian": _choice(LossGaussian),
+    "loss_features": _choice(LossFeatures),
     "map_regions": ("an integer ≥ 1 (regions per side of the image)", lambda v: _is_int(v, 1)),
     "fine_tune_epochs": ("an integer ≥ 0 (0 = the frozen Gaussian AD)", lambda v: _is_int(v, 0)),
     "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0),

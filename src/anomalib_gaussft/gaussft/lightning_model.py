@@ -81,6 +81,10 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         loss_gaussian: ``"cross_fit"``: each training image's loss uses Gaussians fitted on the other half
             of the training images (out-of-sample distances); ``"in_sample"``: on all of them.
         loss_distance: ``"mahalanobis"`` (the paper's loss) or ``"euclidean"`` (a center loss, for ablations).
+        loss_features: ``"pooled"``: the loss pulls the pooled features of the image-score levels toward their
+            Gaussians (the paper's); ``"local"``: every map position toward its region's Gaussian and the layout
+            vector toward the layout Gaussian (what the "local" image score reads). With ``"local"`` and
+            ``trainable_levels=None`` the map levels' stages are trained.
         false_alarm_rate: Target rate of false alarms on normal images. When set, image and mask
             thresholds are calibrated on the held-out normals (conformal p-value ≤ rate), which then
             take no part in the final fit; when ``None``, anomalib's F1-adaptive thresholds are used.
@@ -119,6 +123,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         wise_alphas: Sequence[hp.ClosedUnitInterval] | None = hp.WISE_ALPHAS,
         loss_gaussian: hp.LossGaussianName = "cross_fit",
         loss_distance: hp.LossDistanceName = "mahalanobis",
+        loss_features: hp.LossFeaturesName = "pooled",
         false_alarm_rate: hp.OpenUnitInterval | None = None,
         seed: hp.NonNegativeInt = 0,
         pixel_aupro: bool = False,
@@ -145,9 +150,12 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         self.trainable_levels: list[int] = []
         self.model.feature_extractor.requires_grad_(False)
         if self.fine_tuning:
-            self.trainable_levels = set_trainable(self.model.feature_extractor, trainable_levels, self.model.levels)
             h = self.hparams
-            self.loss = GaussianLoss(self.model.image_level_dims, h.loss_gaussian, h.loss_distance)
+            extractor, local = self.model.feature_extractor, h.loss_features == "local"
+            loss_levels = self.model.loss_levels(h.loss_features)
+            self.trainable_levels = set_trainable(extractor, trainable_levels, loss_levels, span_loss_levels=local)
+            shapes = {name: (g.groups, g.dim) for name, g in self.model.loss_targets(h.loss_features).items()}
+            self.loss = GaussianLoss(shapes, h.loss_gaussian, h.loss_distance)
             self.forgetting = ForgettingCallback(h.patience, h.pseudo_anomalies, h.seed, h.wise_alphas)
         self.epoch_loss_metric = MeanMetric()  # DDP-synced mean of the epoch's training loss
         self._samples_seen = 0
@@ -279,7 +287,8 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
             freeze_batchnorm(self.model)
         features = self.model.extract(images)
         folds = self.held_out.folds(paths, self.device) if self.held_out is not None else None
-        loss = self.loss(self.model.pooled_features(features), self.model.image_gaussians, folds)
+        kind = self.hparams.loss_features
+        loss = self.loss(self.model.loss_samples(features, kind), self.model.loss_targets(kind), folds)
         if not torch.isfinite(loss):
             raise non_finite_features_error(paths, images)
         self.epoch_loss_metric.update(loss.detach(), weight=len(images))

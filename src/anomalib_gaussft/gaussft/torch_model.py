@@ -16,9 +16,10 @@ from torch import nn
 from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
 from .gaussian import StreamingGaussian
-from .hyperparameters import ImageScore, MapGaussian
+from .hyperparameters import ImageScore, LossFeatures, MapGaussian
 from .image_score import ScoreNormalisation, top_fraction_mean
 from .input_checks import non_finite_features_error
+from .loss import LossSamples
 from .regions import region_grid, region_index
 
 logger = logging.getLogger(__name__)
@@ -223,6 +224,36 @@ class GaussFTModel(DynamicBufferMixin):
             raise ValueError(msg)
         return features.reshape(n, c, h * w).transpose(1, 2)  # per position / regional: one slot per position
 
+    # ---- fine-tuning targets ---------------------------------------------------------------------
+    def loss_targets(self, kind: LossFeatures | str) -> dict[str, StreamingGaussian]:
+        """The Gaussians the fine-tuning loss measures against: pooled levels, or map levels and the layout."""
+        if LossFeatures(kind) == LossFeatures.POOLED:
+            return {f"pooled_{lvl}": gaussian for lvl, gaussian in self.image_gaussians.items()}
+        targets = {f"map_{lvl}": gaussian for lvl, gaussian in self.map_gaussians.items()}
+        if self.layout_gaussian is not None:
+            targets["layout"] = self.layout_gaussian
+        return targets
+
+    def loss_levels(self, kind: LossFeatures | str) -> list[int]:
+        """The levels whose features :meth:`loss_samples` reads."""
+        return list(self.levels) if LossFeatures(kind) == LossFeatures.POOLED else list(self.map_levels)
+
+    def loss_samples(self, features: Features, kind: LossFeatures | str) -> LossSamples:
+        """Samples of :meth:`loss_targets`: one pooled sample per image, or every map position with its group."""
+        if LossFeatures(kind) == LossFeatures.POOLED:
+            return {f"pooled_{lvl}": (pooled(features[lvl]), None) for lvl in self.levels}
+        samples: LossSamples = {}
+        for lvl in self.map_levels:
+            feats = features[lvl]
+            n, c, h, w = feats.shape
+            index = self._region_index(lvl, h, w, feats.device)
+            if self.map_gaussian == MapGaussian.SHARED:  # every position of an image in the one group
+                index = torch.zeros(h * w, dtype=torch.long, device=feats.device)
+            samples[f"map_{lvl}"] = (feats.reshape(n, c, h * w).transpose(1, 2), index)
+        if self.layout_gaussian is not None:
+            samples["layout"] = (layout_vector(features[self.layout_level]), None)
+        return samples
+
     # ---- statistics ------------------------------------------------------------------------------
     @torch.no_grad()
     def accumulate(self, features: Features, image_only: bool = False) -> None:
@@ -250,10 +281,11 @@ class GaussFTModel(DynamicBufferMixin):
             gaussian.reset()
 
     @torch.no_grad()
-    def fit(self, image_only: bool = False, keep_statistics: bool = False) -> None:
+    def fit(self, image_only: bool = False, keep_statistics: bool = False, quiet: bool = False) -> None:
         """Fit the Gaussians from the accumulated statistics (``image_only``: the image-level ones only).
 
         ``keep_statistics``: keep the accumulated moments, so that more images can be added and fitted again.
+        ``quiet``: no few-images warning (fine-tuning's per-epoch refits; the final fit warns).
         """
         for gaussian in self.image_gaussians.values() if image_only else self.gaussians():
             gaussian.fit()
@@ -264,7 +296,7 @@ class GaussFTModel(DynamicBufferMixin):
         self.set_fitted(True)
         n_images = min(int(g.num_samples) for g in self.image_gaussians.values())
         widest = max(g.dim for g in self.image_gaussians.values())
-        if n_images < widest:
+        if n_images < widest and not quiet:
             logger.warning(
                 "Fitted on %d images while the widest level has %d features: its covariance rests on Ledoit-Wolf "
                 "shrinkage. Scores stay finite, but more normal images (or fewer/narrower levels) help.",
@@ -280,18 +312,19 @@ class GaussFTModel(DynamicBufferMixin):
         image_only: bool = False,
         on_features: Callable[[Any, Features], None] | None = None,
         keep_statistics: bool = False,
+        quiet: bool = False,
     ) -> None:
         """Re-estimate the Gaussians from one pass over ``loader`` with the current network.
 
         ``on_features(batch, features)`` sees every batch's features (e.g. to refit the loss's Gaussians in the
-        same pass).
+        same pass); ``keep_statistics`` and ``quiet`` as in :meth:`fit`.
         """
         self.reset_statistics()
         for item in self.iter_features(loader, transform):
             self.accumulate(item.features, image_only=image_only)
             if on_features is not None:
                 on_features(item.batch, item.features)
-        self.fit(image_only=image_only, keep_statistics=keep_statistics)
+        self.fit(image_only=image_only, keep_statistics=keep_statistics, quiet=quiet)
 
     # ---- scores ----------------------------------------------------------------------------------
     def level_distances(self, features: Features) -> torch.Tensor:
@@ -317,6 +350,14 @@ class GaussFTModel(DynamicBufferMixin):
     def anomaly_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
         """The anomaly map ``(N, 1, H, W)`` at ``image_size``."""
         return self.anomaly_map_generator(self.level_maps(features), image_size)
+
+    def raw_score_terms(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """``(N, T)`` raw terms of the image score (``T = 1`` unless "local"): what forgetting detection ranks."""
+        if self.image_score == ImageScore.LOCAL:
+            return self.score_terms(features, self.anomaly_map(features, image_size))
+        if self.image_score == ImageScore.MAP_MAX:
+            return self.anomaly_map(features, image_size).amax(dim=(-3, -2, -1))[:, None]
+        return self.pooled_image_score(features)[:, None]
 
     def score_terms(self, features: Features, anomaly_map: torch.Tensor) -> torch.Tensor:
         """``(N, 2)`` raw terms of the "local" image score: layout distance, mean of the map's top 1 %."""

@@ -19,13 +19,16 @@ def set_trainable(
     extractor: MultiLevelFeatureExtractor,
     trainable_levels: Sequence[int] | None,
     loss_levels: Sequence[int] | None = None,
+    span_loss_levels: bool = False,
 ) -> list[int]:
     """Enable gradients for the given levels' modules only and return the trainable levels.
 
     ``None``: for EfficientNets the deeper half of the levels (5–8 of 9: the stride-16/32 stages and the head) up
-    to the deepest of ``loss_levels`` (all levels up to it when none of the deeper half is used); every layer for
-    other backbones. Training only the deep levels gave the same gains as training all of them at 2.4× less cost
-    and without the early levels' drift (docs/fine_tuning.md). Layers past the deepest loss level get no
+    to the deepest of ``loss_levels`` (all levels up to it when none of the deeper half is used), or with
+    ``span_loss_levels`` every level from the shallowest to the deepest loss level (a loss on the map levels 3-5
+    must reach their own stages); every layer for other backbones. For the pooled loss, training only the deep
+    levels gave the same gains as training all of them at 2.4× less cost and without the early levels' drift
+    (docs/fine_tuning.md). Layers past the deepest loss level get no
     gradient, and DDP's gradient all-reduce fails on trainable parameters without one, so asking to train them
     is an error.
     """
@@ -37,6 +40,8 @@ def set_trainable(
         reached = [level for level in extractor.all_levels if level <= deepest]
         deep_half = [level for level in reached if level > extractor.num_levels // 2]
         trainable_levels = deep_half or reached
+        if span_loss_levels and loss_levels:
+            trainable_levels = [level for level in reached if level >= min(loss_levels)]
     elif not extractor.is_efficientnet:
         msg = "trainable_levels can only be chosen for EfficientNet backbones; use None to train all layers."
         raise ValueError(msg)
