@@ -210,11 +210,11 @@ class GaussFTModel(DynamicBufferMixin):
             check_finite(features, getattr(batch, "image_path", None), images)
             yield FeatureBatch(batch, images, features)
 
-    def _map_samples(self, level: int, features: torch.Tensor) -> torch.Tensor:
-        """``(N, C, h, w)`` → samples for the level's map Gaussian."""
+    def _map_samples(self, level: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(N, C, h, w)`` → samples for the level's map Gaussian and the group of each slot (regional)."""
         n, c, h, w = features.shape
         if self.map_gaussian == MapGaussian.SHARED:
-            return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
+            return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c), None
         wrong_size = (h, w) != tuple(self.map_sizes[level])
         if self.map_gaussian == MapGaussian.PER_POSITION and not torch.compiler.is_compiling() and wrong_size:
             msg = (
@@ -222,7 +222,8 @@ class GaussFTModel(DynamicBufferMixin):
                 f"{level} (image_size {self.image_size}); got {(h, w)}. Feed images of the fitted size."
             )
             raise ValueError(msg)
-        return features.reshape(n, c, h * w).transpose(1, 2)  # per position / regional: one slot per position
+        slots = features.reshape(n, c, h * w).transpose(1, 2)  # per position / regional: one slot per position
+        return slots, self._region_index(level, h, w, features.device)
 
     # ---- fine-tuning targets ---------------------------------------------------------------------
     def loss_targets(self, kind: LossFeatures | str) -> dict[str, StreamingGaussian]:
@@ -245,11 +246,12 @@ class GaussFTModel(DynamicBufferMixin):
         samples: LossSamples = {}
         for lvl in self.map_levels:
             feats = features[lvl]
-            n, c, h, w = feats.shape
-            index = self._region_index(lvl, h, w, feats.device)
-            if self.map_gaussian == MapGaussian.SHARED:  # every position of an image in the one group
+            if self.map_gaussian == MapGaussian.SHARED:  # the loss's folds need one row per image: slots, group 0
+                n, c, h, w = feats.shape
                 index = torch.zeros(h * w, dtype=torch.long, device=feats.device)
-            samples[f"map_{lvl}"] = (feats.reshape(n, c, h * w).transpose(1, 2), index)
+                samples[f"map_{lvl}"] = (feats.reshape(n, c, h * w).transpose(1, 2), index)
+            else:
+                samples[f"map_{lvl}"] = self._map_samples(lvl, feats)
         if self.layout_gaussian is not None:
             samples["layout"] = (layout_vector(features[self.layout_level]), None)
         return samples
@@ -262,9 +264,8 @@ class GaussFTModel(DynamicBufferMixin):
             gaussian.update(pooled(features[int(lvl)]))
         if not image_only:
             for lvl, gaussian in self.map_gaussians.items():
-                feats = features[int(lvl)]
-                index = self._region_index(int(lvl), *feats.shape[-2:], feats.device)
-                gaussian.update(self._map_samples(int(lvl), feats), group_index=index)
+                samples, index = self._map_samples(int(lvl), features[int(lvl)])
+                gaussian.update(samples, group_index=index)
             if self.layout_gaussian is not None:
                 self.layout_gaussian.update(layout_vector(features[self.layout_level]))
 
@@ -342,8 +343,8 @@ class GaussFTModel(DynamicBufferMixin):
         for lvl, gaussian in self.map_gaussians.items():
             feats = features[int(lvl)]
             n, c, h, w = feats.shape
-            index = self._region_index(int(lvl), h, w, feats.device)
-            squared = gaussian.squared_mahalanobis(self._map_samples(int(lvl), feats), group_index=index)
+            samples, index = self._map_samples(int(lvl), feats)
+            squared = gaussian.squared_mahalanobis(samples, group_index=index)
             maps.append(torch.sqrt(squared.clamp_min(0) / c).reshape(n, 1, h, w))
         return maps
 
