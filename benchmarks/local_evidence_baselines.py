@@ -41,6 +41,8 @@ DATASETS = {
     "brick": {"kind": "mvtec", "root": "/work/data/textures", "category": "brick", "masks": True},
     "grass": {"kind": "mvtec", "root": "/work/data/textures", "category": "grass", "masks": True},
     "gravel": {"kind": "mvtec", "root": "/work/data/textures", "category": "gravel", "masks": True},
+    # not used to choose any default: the check that they generalise (benchmarks/make_magnetic_tile.py)
+    "magnetic_tile": {"kind": "mvtec", "root": "/work/data/magnetic_tile", "category": "magnetic_tile", "masks": True},
 }
 
 

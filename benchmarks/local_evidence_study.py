@@ -488,6 +488,21 @@ MAP_VARIANTS: dict[str, tuple[MapConfig, str, float]] = {
     "m_r7_l3456_k3": (MapConfig(levels=(3, 4, 5, 6), gaussian="region7", k=3), "none", 4.0),
     "m_r7_l35_k3": (MapConfig(levels=(3, 5), gaussian="region7", k=3), "none", 4.0),
     "m_r7_l2345_k3": (MapConfig(levels=(2, 3, 4, 5), gaussian="region7", k=3), "none", 4.0),
+    # deeper (stride-32) levels beside the default 3-5: coarse evidence for large defects (Magnetic Tile study)
+    "m_r7_l3456": (MapConfig(levels=(3, 4, 5, 6), gaussian="region7"), "none", 4.0),
+    "m_r7_l34567": (MapConfig(levels=(3, 4, 5, 6, 7), gaussian="region7"), "none", 4.0),
+    "m_r7_l3457": (MapConfig(levels=(3, 4, 5, 7), gaussian="region7"), "none", 4.0),
+    "m_r7_l3456_z": (MapConfig(levels=(3, 4, 5, 6), gaussian="region7"), "z", 4.0),
+    "m_r7_l567": (MapConfig(levels=(5, 6, 7), gaussian="region7"), "none", 4.0),
+    "m_r7_l6": (MapConfig(levels=(6,), gaussian="region7"), "none", 4.0),
+    "m_r7_l7": (MapConfig(levels=(7,), gaussian="region7"), "none", 4.0),
+    "m_r7_l5": (MapConfig(levels=(5,), gaussian="region7"), "none", 4.0),
+    "m_r7_s8": (MapConfig(gaussian="region7"), "none", 8.0),
+    "m_r7_l67": (MapConfig(levels=(6, 7), gaussian="region7"), "none", 4.0),
+    "m_r7_l3467": (MapConfig(levels=(3, 4, 6, 7), gaussian="region7"), "none", 4.0),
+    "m_r7_l34567_k3": (MapConfig(levels=(3, 4, 5, 6, 7), gaussian="region7", k=3), "none", 4.0),
+    "m_r7_l567_k3": (MapConfig(levels=(5, 6, 7), gaussian="region7", k=3), "none", 4.0),
+    "m_r7_k5": (MapConfig(gaussian="region7", k=5), "none", 4.0),
 }
 
 GRID_VARIANTS: dict[str, tuple[int, int, str]] = {  # name -> (level, grid, mode)

@@ -7,8 +7,12 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/results.jsonl \
-        --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
+    python benchmarks/results_table.py --results docs/results/k3/results.jsonl \
+        --previous docs/results/results.jsonl --baselines docs/local_evidence/baselines.jsonl \
+        --out docs/results/table.md
+
+``--previous``: the rows of the default before ``map_neighbourhood`` (no neighbourhood average); they are shown
+as a row of their own and give the tables over held-out seeds (run with that map).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-SETS = ("elpv_mono", "elpv_poly", "bsdata", "brick", "grass", "gravel")
+SETS = ("elpv_mono", "elpv_poly", "bsdata", "magnetic_tile", "brick", "grass", "gravel")
+PREVIOUS = "_k1"  # suffix of the --previous rows' model names
 BASELINES = ("padim", "patchcore", "dfm")
 LABELS = {
-    "gaussft_default": "**GaussFT default** (fine-tuned, regional maps, local score)",
-    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, regional maps, local score)",
+    "gaussft_default": "**GaussFT default** (fine-tuned, regional maps of 3 × 3 means, local score)",
+    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise the default)",
+    "gaussft_default_frozen_k1": "GaussFT frozen, no neighbourhood average (`map_neighbourhood: 1`, default until now)",
     "gaussft_frozen": "GaussFT before #14 (frozen, shared maps, paper's pooled score)",
     "padim": "PaDiM (blocks 1, 2, 4; 100 dims)",
     "patchcore": "PatchCore (blocks 2, 4; coreset 2 %)",
@@ -72,13 +78,61 @@ def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str]) -> list[str]:
+    """Frozen GaussFT over held-out seeds, and fine-tuned minus frozen per seed (rows of the ``--previous`` map)."""
+    lines: list[str] = []
+    seeded = [m for m in rows_models(rows) if m.startswith("gaussft_default_frozen_seed")]
+    if seeded:
+        runs = ["gaussft_default_frozen", *sorted(seeded)]
+        lines += [
+            "",
+            f"GaussFT frozen over held-out seeds (`seed` 0-{len(runs) - 1}: which 20 % are held out), image AUROC "
+            "(`map_neighbourhood: 1`):",
+            "",
+            "| set | " + " | ".join(f"seed {i}" for i in range(len(runs))) + " | mean ± std |",
+            "|---|" + "---:|" * (len(runs) + 1),
+        ]
+        for s in sets:
+            values = [rows[(m, s)]["image_auroc"] for m in runs if (m, s) in rows]
+            if len(values) == len(runs):
+                spread = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+                lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {spread} |")
+    pairs = [("gaussft_default", "gaussft_default_frozen", 0)]
+    pairs += [
+        (m, m.replace("gaussft_default_seed", "gaussft_default_frozen_seed"), int(m.rsplit("seed", 1)[1]))
+        for m in sorted(rows_models(rows))
+        if m.startswith("gaussft_default_seed")
+    ]
+    if len(pairs) > 1:
+        lines += [
+            "",
+            "Fine-tuned (default) minus frozen GaussFT, image AUROC, same held-out seed (`map_neighbourhood: 1`):",
+            "",
+            "| set | " + " | ".join(f"seed {seed}" for _, _, seed in pairs) + " |",
+            "|---|" + "---:|" * len(pairs),
+        ]
+        for s in sets:
+            cells = [
+                f"{rows[(ft, s)]['image_auroc'] - rows[(fr, s)]['image_auroc']:+.4f}"
+                if (ft, s) in rows and (fr, s) in rows
+                else "–"
+                for ft, fr, _ in pairs
+            ]
+            if any(cell != "–" for cell in cells[1:]):
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path("docs/results/results.jsonl"))
+    parser.add_argument("--results", type=Path, default=Path("docs/results/k3/results.jsonl"))
+    parser.add_argument("--previous", type=Path, default=Path("docs/results/results.jsonl"))
     parser.add_argument("--baselines", type=Path, default=Path("docs/local_evidence/baselines.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("docs/results/table.md"))
     args = parser.parse_args(argv)
+    previous = load_rows(args.previous)
     rows = {**load_rows(args.baselines), **load_rows(args.results)}
+    rows.update({(f"{m}{PREVIOUS}", d): r for (m, d), r in previous.items() if m == "gaussft_default_frozen"})
     models = [m for m in LABELS if any((m, s) in rows for s in SETS)]
     sets = [s for s in SETS if ("gaussft_default", s) in rows]
     lines = [
@@ -130,44 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         pixel = rows[("gaussft_default", s)].get("pixel_auroc")
         pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
-    seeded = [m for m in rows_models(rows) if m.startswith("gaussft_default_frozen_seed")]
-    if seeded:
-        runs = ["gaussft_default_frozen", *sorted(seeded)]
-        lines += [
-            "",
-            f"GaussFT frozen over held-out seeds (`seed` 0-{len(runs) - 1}: which 20 % are held out), image AUROC:",
-            "",
-            "| set | " + " | ".join(f"seed {i}" for i in range(len(runs))) + " | mean ± std |",
-            "|---|" + "---:|" * (len(runs) + 1),
-        ]
-        for s in sets:
-            values = [rows[(m, s)]["image_auroc"] for m in runs if (m, s) in rows]
-            if len(values) == len(runs):
-                spread = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
-                lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {spread} |")
-    pairs = [("gaussft_default", "gaussft_default_frozen", 0)]
-    pairs += [
-        (m, m.replace("gaussft_default_seed", "gaussft_default_frozen_seed"), int(m.rsplit("seed", 1)[1]))
-        for m in sorted(rows_models(rows))
-        if m.startswith("gaussft_default_seed")
-    ]
-    if len(pairs) > 1:
-        lines += [
-            "",
-            "Fine-tuned (default) minus frozen GaussFT, image AUROC, same held-out seed:",
-            "",
-            "| set | " + " | ".join(f"seed {seed}" for _, _, seed in pairs) + " |",
-            "|---|" + "---:|" * len(pairs),
-        ]
-        for s in sets:
-            cells = [
-                f"{rows[(ft, s)]['image_auroc'] - rows[(fr, s)]['image_auroc']:+.4f}"
-                if (ft, s) in rows and (fr, s) in rows
-                else "–"
-                for ft, fr, _ in pairs
-            ]
-            if any(cell != "–" for cell in cells[1:]):
-                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += seed_tables(previous, sets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

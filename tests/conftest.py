@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,18 @@ if BENCHMARKS not in sys.path:
 if HF_CACHE.is_dir():
     os.environ.setdefault("HF_HUB_CACHE", str(HF_CACHE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def neighbourhood_mean_reference(features: np.ndarray, size: int) -> np.ndarray:
+    """Each position's mean over the ``size × size`` positions around it that lie inside the map, as loops."""
+    h, w = features.shape[-2:]
+    out = np.zeros_like(features)
+    r = size // 2
+    for i in range(h):
+        for j in range(w):
+            window = features[:, :, max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1]
+            out[:, :, i, j] = window.mean(axis=(2, 3))
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from anomalib_gaussft import GaussFT
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, neighbourhood_mean_reference
 
 
 def _reference_level_map(train: np.ndarray, test: np.ndarray, map_gaussian: str) -> np.ndarray:
@@ -37,9 +37,18 @@ def _reference_level_map(train: np.ndarray, test: np.ndarray, map_gaussian: str)
     return out
 
 
-@pytest.mark.parametrize("map_gaussian", ["shared", "per_position", "regional"])
-def test_level_maps_match_direct_reference(map_gaussian: str) -> None:
-    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=32, map_gaussian=map_gaussian).eval()
+@pytest.mark.parametrize(
+    ("map_gaussian", "neighbourhood"), [("shared", 3), ("per_position", 3), ("regional", 3), ("regional", 1)]
+)
+def test_level_maps_match_direct_reference(map_gaussian: str, neighbourhood: int) -> None:
+    """Fit and map both read each position's neighbourhood mean (default 3 × 3; borders: inside positions only)."""
+    model = GaussFT(
+        backbone=TINY_BACKBONE,
+        pre_trained=False,
+        image_size=32,
+        map_gaussian=map_gaussian,
+        map_neighbourhood=neighbourhood,
+    ).eval()
     train, test = torch.rand(24, 3, 32, 32), torch.rand(3, 3, 32, 32)
     for chunk in train.split(5):
         model.model.update_statistics(chunk)
@@ -50,8 +59,8 @@ def test_level_maps_match_direct_reference(map_gaussian: str) -> None:
         maps = model.model.level_maps(test_features)
     for level, level_map in zip(model.model.map_levels, maps, strict=True):
         expected = _reference_level_map(
-            train_features[level].double().numpy(),
-            test_features[level].double().numpy(),
+            neighbourhood_mean_reference(train_features[level].double().numpy(), neighbourhood),
+            neighbourhood_mean_reference(test_features[level].double().numpy(), neighbourhood),
             map_gaussian,
         )
         np.testing.assert_allclose(level_map[:, 0].double().numpy(), expected, rtol=2e-3, atol=2e-3)

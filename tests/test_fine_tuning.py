@@ -462,7 +462,7 @@ def test_local_loss_trains_the_map_levels_and_lowers_with_steps() -> None:
     images = torch.rand(16, 3, 64, 64)
     _fit_gaussians(model, images)
     model.model.eval()  # no dropout noise: the descent itself is tested
-    losses = _descend(model, images, learning_rate=1e-4)
+    losses = _descend(model, images, learning_rate=5e-5, steps=20)
     assert losses[-1] < 0.9 * losses[0]
     assert all(b < a for a, b in itertools.pairwise(losses))
 
@@ -494,4 +494,4 @@ def test_forgetting_detection_ranks_by_the_models_image_score() -> None:
     scores = torch.cat([z(normal_terms), *[z(a) for a in anomalies]]).numpy()
     labels = [0] * len(normal_terms) + [1] * (len(scores) - len(normal_terms))
     assert normal_terms.shape[1] == 2  # layout and map terms
-    assert actual["all"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert actual["all"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)  # float32 AUROC vs float64

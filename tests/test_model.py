@@ -85,6 +85,7 @@ def test_bad_level_index_names_the_parameter(kwargs: dict, name: str) -> None:
         ({"image_size": 0}, "image_size"),
         ({"loss_distance": "cosine"}, "loss_distance"),
         ({"loss_features": "patches"}, "loss_features"),
+        ({"map_neighbourhood": 2}, "map_neighbourhood"),
         ({"fine_tune_epochs": -1}, "fine_tune_epochs"),
         ({"held_out_fraction": 1.0}, "held_out_fraction"),
         ({"held_out_fraction": 0.0}, "held_out_fraction"),
@@ -211,6 +212,34 @@ def test_checkpoint_architecture_is_adopted_for_inference(tmp_path) -> None:
         torch.testing.assert_close(other.eval().model(images).pred_score, model.model(images).pred_score)
     same = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
     same.on_load_checkpoint(checkpoint)  # no error
+
+
+def test_resuming_a_checkpoint_of_another_configuration_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    model = _fitted()
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    other = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, map_neighbourhood=5)
+    other._trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))  # a fit resuming from it
+    with pytest.raises(ValueError, match=r"Cannot resume.*map_neighbourhood: checkpoint 3 vs model 5"):
+        other.on_load_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_from_before_map_neighbourhood_is_read_with_no_neighbourhood_average() -> None:
+    """Checkpoints written before the option existed were fitted on unaveraged map features."""
+    legacy = _fitted(map_neighbourhood=1)
+    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k != "map_neighbourhood"}
+    checkpoint = {"state_dict": legacy.state_dict(), "hyper_parameters": hyper_parameters}
+    current = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    assert current.hparams.map_neighbourhood == 3
+    current.on_load_checkpoint(checkpoint)
+    assert current.model.map_neighbourhood == 1
+    current.load_state_dict(checkpoint["state_dict"])
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(current.eval().model(images).anomaly_map, legacy.model(images).anomaly_map)
 
 
 def test_the_config_file_lists_every_option_with_its_default() -> None:

@@ -50,3 +50,23 @@ nice -n 10 python benchmarks/local_evidence_final.py --seeds 0,1,2 --no-refit --
 python benchmarks/local_evidence_export_check.py --set bsdata --out docs/local_evidence/export_check.json
 for tag in study focus extra refit; do python benchmarks/local_evidence_report.py --tag $tag > /dev/null; done
 python benchmarks/local_evidence_tables.py > docs/local_evidence/tables.md
+
+# 10. Magnetic Tile (github.com/abin24/Magnetic-tile-defect-datasets., commit cc4eb53, files at /work/data/cache/mt_repo)
+python benchmarks/make_magnetic_tile.py --repo /work/data/cache/mt_repo --out /work/data/magnetic_tile/magnetic_tile \
+    --size 320 --train-fraction 0.7 --seed 0
+V='{"gaussft_default": {"map_gaussian": "regional", "image_score": "local", "map_neighbourhood": 1},
+    "gaussft_default_frozen": {"map_gaussian": "regional", "image_score": "local", "map_neighbourhood": 1, "fine_tune_epochs": 0}}'
+nice -n 10 python benchmarks/local_evidence_baselines.py --out docs/local_evidence --results-file mt.jsonl --coreset-ratio 0.02 \
+    --models gaussft_default_frozen,gaussft_frozen,dfm,padim,patchcore,gaussft_default --datasets magnetic_tile --variants "$V"
+nice -n 10 python benchmarks/local_evidence_features.py --cache /work/data/cache/local_evidence --datasets magnetic_tile
+nice -n 5 python benchmarks/local_evidence_study.py --datasets magnetic_tile --seeds 0 --tag mt --refit \
+    --map-variants m_default,m_r7,m_r14,m_pp,m_r7_fre,m_r7_l3456,m_r7_l34567,m_r7_l3457,m_r7_l3456_z,m_r7_l567,m_r7_l6,m_r7_l7,m_r7_l5,m_r7_s8,m_r7_k3 \
+    --grid-variants g_l5_3j,g_l5_3f --out docs/local_evidence
+nice -n 5 python benchmarks/local_evidence_study.py --datasets magnetic_tile,bsdata,brick,grass,gravel,elpv_mono,elpv_poly \
+    --seeds 0 --tag deep --refit --grid-variants g_l5_3j --out docs/local_evidence \
+    --map-variants m_r7,m_r7_k3,m_r7_k5,m_r7_l3456,m_r7_l34567,m_r7_l567,m_r7_l67,m_r7_l3467,m_r7_l34567_k3,m_r7_l567_k3,m_r7_l3456_k3,m_r7_l6
+
+# 11. Fine and coarse maps combined (PYTHONPATH=src:benchmarks)
+python benchmarks/multiscale_map_study.py --seeds 0 --out docs/local_evidence/multiscale
+python benchmarks/multiscale_map_study.py --seeds 1,2 --coarse k3 --out docs/local_evidence/multiscale
+python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.trainer.states import TrainerFn
 
 from .calibration import Calibrator
-from .hyperparameters import ARCHITECTURE_KEYS, same_value
+from .hyperparameters import ARCHITECTURE_KEYS, ARCHITECTURE_LEGACY, same_value
 from .input_checks import UnusableImagesError, check_dataloaders, skip_unusable_images
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class FittedModelGuards:
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         if not fitting and bool(self.model.is_fitted) and not bool(checkpoint["state_dict"].get("model.is_fitted", 1)):
             self._keep_finished_model(checkpoint)
-        saved = checkpoint.get("hyper_parameters", {})
+        saved = {**ARCHITECTURE_LEGACY, **checkpoint.get("hyper_parameters", {})}
         different = {
             key: (saved[key], self.hparams.get(key))
             for key in ARCHITECTURE_KEYS

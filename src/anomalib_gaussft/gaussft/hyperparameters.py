@@ -68,7 +68,18 @@ LrScheduleName = Literal["warmup_cosine", "constant"]
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 # Hyperparameters that change the shape or meaning of the fitted statistics.
-ARCHITECTURE_KEYS = ("backbone", "image_size", "levels", "map_levels", "map_gaussian", "map_regions", "image_score")
+ARCHITECTURE_KEYS = (
+    "backbone",
+    "image_size",
+    "levels",
+    "map_levels",
+    "map_gaussian",
+    "map_regions",
+    "map_neighbourhood",
+    "image_score",
+)
+# Architecture keys added after checkpoints were first written: the value every older checkpoint was made with.
+ARCHITECTURE_LEGACY = {"map_neighbourhood": 1}
 
 DEFAULT_INPUT = ((224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet defaults
 
@@ -98,6 +109,10 @@ RULES: dict[str, tuple[str, Any]] = {
     "loss_gaussian": _choice(LossGaussian),
     "loss_features": _choice(LossFeatures),
     "map_regions": ("an integer ≥ 1 (regions per side of the image)", lambda v: _is_int(v, 1)),
+    "map_neighbourhood": (
+        "an odd integer ≥ 1 (side of the neighbourhood averaged; 1 = none)",
+        lambda v: _is_int(v, 1) and v % 2 == 1,
+    ),
     "fine_tune_epochs": ("an integer ≥ 0 (0 = the frozen Gaussian AD)", lambda v: _is_int(v, 0)),
     "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "weight_decay": ("a number ≥ 0", lambda v: _is_number(v) and v >= 0),

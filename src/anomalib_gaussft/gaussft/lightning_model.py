@@ -62,6 +62,8 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_gaussian: ``"regional"`` (one Gaussian per level and image region), ``"shared"`` (one per level)
             or ``"per_position"`` (PaDiM-style).
         map_regions: Regions per image side of ``"regional"`` map Gaussians.
+        map_neighbourhood: Side of the neighbourhood over which each map position's features are averaged
+            before its Gaussian (PatchCore's local aggregation); ``1`` = none.
         image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
             normals; ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
         sigma: Anomaly-map blur in pixels.
@@ -109,6 +111,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_levels: Sequence[hp.NonNegativeInt] | None = None,
         map_gaussian: hp.MapGaussianName = "regional",
         map_regions: hp.PositiveInt = 7,
+        map_neighbourhood: hp.PositiveInt = 3,
         image_score: hp.ImageScoreName = "local",
         sigma: hp.NonNegativeFloat = 4.0,
         fine_tune_epochs: hp.NonNegativeInt = 6,
@@ -168,7 +171,18 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
             pre_trained=h.pre_trained,
             backbone_weights=str(h.backbone_weights) if h.backbone_weights else None,
             image_size=hp.as_image_size(h.image_size, h.backbone),
-            **{key: h[key] for key in ("levels", "map_levels", "map_gaussian", "map_regions", "image_score", "sigma")},
+            **{
+                key: h[key]
+                for key in (
+                    "levels",
+                    "map_levels",
+                    "map_gaussian",
+                    "map_regions",
+                    "map_neighbourhood",
+                    "image_score",
+                    "sigma",
+                )
+            },
         )
 
     @property

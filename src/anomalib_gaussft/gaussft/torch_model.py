@@ -66,6 +66,17 @@ def layout_vector(features: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(features, LAYOUT_GRID).flatten(1).unsqueeze(1)
 
 
+def neighbourhood_average(features: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, C, h, w)`` → the same shape, each position the mean of the ``size × size`` positions around it.
+
+    Positions outside the map do not count (``count_include_pad=False``), so border positions average fewer
+    neighbours instead of mixing in zeros. ``size`` 1 returns ``features`` unchanged.
+    """
+    if size == 1:
+        return features
+    return F.avg_pool2d(features, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 class GaussFTModel(DynamicBufferMixin):
     """Gaussian AD on multi-level features of a (fine-tunable) timm backbone.
 
@@ -78,6 +89,7 @@ class GaussFTModel(DynamicBufferMixin):
         map_levels: Levels whose feature maps give the anomaly map (``None`` = default).
         map_gaussian: ``"regional"``, ``"shared"`` or ``"per_position"``.
         map_regions: Regions per side of the ``"regional"`` map Gaussians.
+        map_neighbourhood: Side of the square neighbourhood averaged at each map position (1 = none).
         image_score: ``"local"``, ``"gaussian_ad"`` or ``"map_max"``.
         sigma: Blur of the anomaly map in pixels.
 
@@ -93,6 +105,7 @@ class GaussFTModel(DynamicBufferMixin):
         map_levels: Sequence[int] | None = None,
         map_gaussian: MapGaussian | str = MapGaussian.REGIONAL,
         map_regions: int = 7,
+        map_neighbourhood: int = 3,
         image_score: ImageScore | str = ImageScore.LOCAL,
         sigma: float = 4.0,
     ) -> None:
@@ -105,6 +118,7 @@ class GaussFTModel(DynamicBufferMixin):
         )
         self.map_gaussian = MapGaussian(map_gaussian)
         self.map_regions = map_regions
+        self.map_neighbourhood = map_neighbourhood
         self.image_score = ImageScore(image_score)
         self.image_size = tuple(image_size)
         self.used_levels = sorted(set(self.levels) | set(self.map_levels))
@@ -211,7 +225,12 @@ class GaussFTModel(DynamicBufferMixin):
             yield FeatureBatch(batch, images, features)
 
     def _map_samples(self, level: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(N, C, h, w)`` → samples for the level's map Gaussian and the group of each slot (regional)."""
+        """``(N, C, h, w)`` → samples for the level's map Gaussian and the group of each slot (regional).
+
+        Each position first takes the mean of its ``map_neighbourhood`` × ``map_neighbourhood`` neighbourhood
+        (PatchCore's local aggregation; at the border, of the positions inside the map).
+        """
+        features = neighbourhood_average(features, self.map_neighbourhood)
         n, c, h, w = features.shape
         if self.map_gaussian == MapGaussian.SHARED:
             return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c), None
