@@ -15,6 +15,7 @@ import datetime as dt
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,23 @@ BASELINES: dict[str, dict[str, Any]] = {
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
+
+
+def partial_output(out: Path, force: bool) -> Path:
+    """Clear ``out`` (only with ``force`` when it holds files) and return an empty ``<out>.partial`` to write into.
+
+    A dataset converter writes everything into the partial folder and renames it to ``out`` when done, so an
+    interrupted conversion never leaves a half-written set where the benchmarks look for one.
+    """
+    if out.exists():
+        if not force and any(out.iterdir()):
+            msg = f"{out} exists and is not empty (use --force)"
+            raise FileExistsError(msg)
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
 
 
 def mvtec_datamodule(root: str | Path, category: str, train_batch_size: int = 16, eval_batch_size: int = 32) -> Any:

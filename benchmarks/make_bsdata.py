@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from common import partial_output
 
 
 def rasterise(label_file: Path, size: tuple[int, int]) -> Image.Image:
@@ -108,13 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     train = sorted(normals[i] for i in order[:n_train])
     test_good = sorted(normals[i] for i in order[n_train:])
 
-    if args.out.exists():
-        if not args.force and any(args.out.iterdir()):
-            parser.error(f"{args.out} exists and is not empty (use --force)")
-        shutil.rmtree(args.out)
-    tmp = args.out.with_name(args.out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    try:
+        tmp = partial_output(args.out, args.force)
+    except FileExistsError as error:
+        parser.error(str(error))
     out_size = target_size(keep_size, args.max_side)
 
     def write_image(src: Path, dst: Path) -> None:

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from common import partial_output
 
 NORMAL = "MT_Free"
 
@@ -75,13 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     defect_dirs = sorted(p for p in args.repo.glob("MT_*") if p.is_dir() and p.name != NORMAL)
     if not normals or not defect_dirs:
         parser.error(f"{args.repo} has no {NORMAL}/Imgs/*.jpg or no other MT_* folder")
-    if args.out.exists():
-        if not args.force and any(args.out.iterdir()):
-            parser.error(f"{args.out} exists and is not empty (use --force)")
-        shutil.rmtree(args.out)
-    tmp = args.out.with_name(args.out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    try:
+        tmp = partial_output(args.out, args.force)
+    except FileExistsError as error:
+        parser.error(str(error))
 
     order = np.random.default_rng(args.seed).permutation(len(normals))
     n_train = round(args.train_fraction * len(normals))

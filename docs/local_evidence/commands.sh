@@ -70,3 +70,5 @@ nice -n 5 python benchmarks/local_evidence_study.py --datasets magnetic_tile,bsd
 python benchmarks/multiscale_map_study.py --seeds 0 --out docs/local_evidence/multiscale
 python benchmarks/multiscale_map_study.py --seeds 1,2 --coarse k3 --out docs/local_evidence/multiscale
 python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale
+nice -n 5 python benchmarks/local_evidence_study.py --datasets magnetic_tile,bsdata,brick,grass,gravel --seeds 0 --tag fine \
+    --refit --map-variants m_r7_k3,m_r14_k3,m_pp_k3,m_r14 --grid-variants g_l5_3j --out docs/local_evidence

@@ -171,18 +171,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
             pre_trained=h.pre_trained,
             backbone_weights=str(h.backbone_weights) if h.backbone_weights else None,
             image_size=hp.as_image_size(h.image_size, h.backbone),
-            **{
-                key: h[key]
-                for key in (
-                    "levels",
-                    "map_levels",
-                    "map_gaussian",
-                    "map_regions",
-                    "map_neighbourhood",
-                    "image_score",
-                    "sigma",
-                )
-            },
+            **{key: h[key] for key in (*hp.STATISTICS_KEYS, "sigma")},
         )
 
     @property
