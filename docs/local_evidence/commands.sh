@@ -56,8 +56,14 @@ python benchmarks/make_magnetic_tile.py --repo /work/data/cache/mt_repo --out /w
     --size 320 --train-fraction 0.7 --seed 0
 V='{"gaussft_default": {"map_gaussian": "regional", "image_score": "local", "map_neighbourhood": 1},
     "gaussft_default_frozen": {"map_gaussian": "regional", "image_score": "local", "map_neighbourhood": 1, "fine_tune_epochs": 0}}'
-nice -n 10 python benchmarks/local_evidence_baselines.py --out docs/local_evidence --results-file mt.jsonl --coreset-ratio 0.02 \
-    --models gaussft_default_frozen,gaussft_frozen,dfm,padim,patchcore,gaussft_default --datasets magnetic_tile --variants "$V"
+# (run into a scratch folder; the PaDiM, PatchCore and DFM rows were appended to baselines.jsonl, the two GaussFT
+#  rows to docs/results/results.jsonl, the default's map before map_neighbourhood existed)
+nice -n 10 python benchmarks/local_evidence_baselines.py --out /tmp/runs/mt --results-file mt.jsonl --coreset-ratio 0.02 \
+    --models dfm,padim,patchcore,gaussft_default_frozen,gaussft_default --datasets magnetic_tile --variants "$V"
+# the pre-#14 GaussFT (the builtin gaussft_frozen is today's default): renamed gaussft_frozen in baselines.jsonl
+nice -n 10 python benchmarks/local_evidence_baselines.py --out /tmp/runs/pre14 --results-file pre14.jsonl \
+    --models gaussft_pre14 --datasets magnetic_tile \
+    --variants '{"gaussft_pre14": {"map_gaussian": "shared", "image_score": "gaussian_ad", "map_neighbourhood": 1, "fine_tune_epochs": 0}}'
 nice -n 10 python benchmarks/local_evidence_features.py --cache /work/data/cache/local_evidence --datasets magnetic_tile
 nice -n 5 python benchmarks/local_evidence_study.py --datasets magnetic_tile --seeds 0 --tag mt --refit \
     --map-variants m_default,m_r7,m_r14,m_pp,m_r7_fre,m_r7_l3456,m_r7_l34567,m_r7_l3457,m_r7_l3456_z,m_r7_l567,m_r7_l6,m_r7_l7,m_r7_l5,m_r7_s8,m_r7_k3 \
