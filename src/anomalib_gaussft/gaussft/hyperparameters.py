@@ -67,7 +67,6 @@ PseudoAnomalyName = Literal["mixup", "cutmix", "cutout", "augmix"]
 LrScheduleName = Literal["warmup_cosine", "constant"]
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
-# Hyperparameters that change the shape or meaning of the fitted statistics.
 # Options of the torch model that fix what its statistics mean (with the backbone and input size, below).
 STATISTICS_KEYS = ("levels", "map_levels", "map_gaussian", "map_regions", "map_neighbourhood", "image_score")
 ARCHITECTURE_KEYS = ("backbone", "image_size", *STATISTICS_KEYS)
