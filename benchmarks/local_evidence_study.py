@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from anomalib_gaussft.gaussft.anomaly_map import AnomalyMapGenerator
+from anomalib_gaussft.gaussft.feature_samples import neighbourhood_average
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
 
 CHUNK = 32
@@ -134,10 +135,8 @@ def chunks(n: int, size: int = CHUNK):
 
 
 def local_average(x: torch.Tensor, k: int) -> torch.Tensor:
-    """PatchCore-style k x k neighbourhood average (stride 1, same size; borders average the valid cells)."""
-    if k <= 1:
-        return x
-    return F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+    """PatchCore-style k x k neighbourhood average: the package's ``map_neighbourhood`` operation."""
+    return neighbourhood_average(x, k)
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
+from .feature_samples import LAYOUT_GRID, layout_vector, neighbourhood_average, pooled
 from .gaussian import StreamingGaussian
 from .hyperparameters import ImageScore, LossFeatures, MapGaussian
 from .image_score import ScoreNormalisation, top_fraction_mean
@@ -51,30 +51,6 @@ def check_finite(features: Features, paths: Sequence[Any] | None, images: torch.
     if not all(torch.isfinite(f).all() for f in features.values()):
         names = [str(p) for p in paths] if paths is not None else [f"image {i}" for i in range(len(images))]
         raise non_finite_features_error(names, images)
-
-
-def pooled(features: torch.Tensor) -> torch.Tensor:
-    """Global average pooling ``(N, C, H, W)`` → ``(N, 1, C)`` (one sample per image for a 1-group Gaussian)."""
-    return features.mean(dim=(2, 3)).unsqueeze(1)
-
-
-LAYOUT_GRID = 3  # the layout term pools the deepest map level to a 3 × 3 grid (DFM-like coarse layout)
-
-
-def layout_vector(features: torch.Tensor) -> torch.Tensor:
-    """``(N, C, h, w)`` → ``(N, 1, C · 9)``: the map pooled to a 3 × 3 grid, one joint sample per image."""
-    return F.adaptive_avg_pool2d(features, LAYOUT_GRID).flatten(1).unsqueeze(1)
-
-
-def neighbourhood_average(features: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, C, h, w)`` → the same shape, each position the mean of the ``size × size`` positions around it.
-
-    Positions outside the map do not count (``count_include_pad=False``), so border positions average fewer
-    neighbours instead of mixing in zeros. ``size`` 1 returns ``features`` unchanged.
-    """
-    if size == 1:
-        return features
-    return F.avg_pool2d(features, size, stride=1, padding=size // 2, count_include_pad=False)
 
 
 class GaussFTModel(DynamicBufferMixin):
