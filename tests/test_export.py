@@ -106,6 +106,7 @@ class Fitted:
 @pytest.fixture(scope="module")
 def fitted(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Fitted:
     root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)  # the random tiny backbone must not depend on which tests ran before
     model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, **_frozen_kwargs())
     engine = _engine(root)
     engine.fit(model=model, datamodule=_datamodule(texture_root))
@@ -146,9 +147,11 @@ def openvino_path(fitted: Fitted) -> Path:
 
 
 def _assert_matches(outputs: dict[str, np.ndarray], fitted: Fitted, atol: float) -> None:
-    # Normalised outputs are clipped to [0, 1]: parity means something only where they are not.
+    # Normalised outputs are clipped to [0, 1]: parity means something only where they are not. The seeded random
+    # backbone leaves about 90 % of the scores and 20 % of the map values (some 10^4 pixels) unclipped; the clipped
+    # ones must match too (0 vs 0), which catches a shifted map.
     assert ((fitted.score > 0) & (fitted.score < 1)).mean() >= 0.5, "too many saturated scores to compare"
-    assert ((fitted.anomaly_map > 0) & (fitted.anomaly_map < 1)).mean() >= 0.5, "too many saturated map values"
+    assert ((fitted.anomaly_map > 0) & (fitted.anomaly_map < 1)).sum() >= 5000, "too many saturated map values"
     assert outputs["anomaly_map"].shape == fitted.anomaly_map.shape
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), fitted.score, rtol=0, atol=atol)
     np.testing.assert_allclose(outputs["anomaly_map"], fitted.anomaly_map, rtol=0, atol=atol)
