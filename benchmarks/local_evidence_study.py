@@ -55,6 +55,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib_gaussft.gaussft.anomaly_map import AnomalyMapGenerator
 from anomalib_gaussft.gaussft.feature_samples import neighbourhood_average
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
+from anomalib_gaussft.gaussft.regions import region_index as package_region_index
 
 CHUNK = 32
 IMAGE = (224, 224)
@@ -190,9 +191,8 @@ class UnitScorer:
 
     def __init__(self, dim: int, h: int, w: int, mode: str, score: str) -> None:
         self.gh, self.gw = region_grid(mode, h, w)
-        if h % self.gh or w % self.gw:
-            msg = f"{mode}: a {h}x{w} map cannot be cut into {self.gh}x{self.gw} equal blocks"
-            raise ValueError(msg)
+        # Unequal blocks (e.g. 10 regions on a 28-wide map): the package's own region assignment.
+        self.index = None if not (h % self.gh or w % self.gw) else package_region_index(h, w, (self.gh, self.gw))
         self.g = StreamingGaussian(self.gh * self.gw, dim)
         self.score = score
         self.dim = dim
@@ -200,18 +200,22 @@ class UnitScorer:
     def samples(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, C, h, w)`` → ``(n * bh * bw, gh * gw, C)`` (block-major positions)."""
         n, c, h, w = x.shape
+        if self.index is not None:
+            return x.reshape(n, c, h * w).transpose(1, 2)
         bh, bw = h // self.gh, w // self.gw
         x = x.reshape(n, c, self.gh, bh, self.gw, bw).permute(0, 3, 5, 2, 4, 1)
         return x.reshape(n * bh * bw, self.gh * self.gw, c)
 
     def unsample(self, values: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
         """``(n * bh * bw, gh * gw)`` → ``(n, h, w)``."""
+        if self.index is not None:
+            return values.reshape(n, h, w)
         bh, bw = h // self.gh, w // self.gw
         v = values.reshape(n, bh, bw, self.gh, self.gw).permute(0, 3, 1, 4, 2)
         return v.reshape(n, h, w)
 
     def update(self, x: torch.Tensor) -> None:
-        self.g.update(self.samples(x))
+        self.g.update(self.samples(x), group_index=self.index)
 
     def fit(self) -> None:
         est = self.g.fit()
@@ -233,7 +237,7 @@ class UnitScorer:
             recon = (centred @ self.basis) @ self.basis.T
             sq = ((centred - recon) ** 2).sum(-1)
         else:
-            sq = self.g.squared_mahalanobis(s)
+            sq = self.g.squared_mahalanobis(s, group_index=self.index)
         return self.unsample(torch.sqrt(sq.clamp_min(0) / c), n, h, w)
 
     def n_floats(self) -> int:
@@ -480,6 +484,11 @@ MAP_VARIANTS: dict[str, tuple[MapConfig, str, float]] = {
     "m_pp_k3": (MapConfig(gaussian="per_position", k=3), "none", 4.0),
     "m_r7_k3_z": (MapConfig(gaussian="region7", k=3), "z", 4.0),
     "m_r14_k3": (MapConfig(gaussian="region14", k=3), "none", 4.0),
+    "m_r10_k3": (MapConfig(gaussian="region10", k=3), "none", 4.0),
+    "m_r12_k3": (MapConfig(gaussian="region12", k=3), "none", 4.0),
+    "m_r12_k3_s2": (MapConfig(gaussian="region12", k=3), "none", 2.0),
+    "m_r12_k3_l2345": (MapConfig(levels=(2, 3, 4, 5), gaussian="region12", k=3), "none", 4.0),
+    "m_r12_k3_l35": (MapConfig(levels=(3, 5), gaussian="region12", k=3), "none", 4.0),
     "m_r14_k3_z": (MapConfig(gaussian="region14", k=3), "z", 4.0),
     "m_r7_cat35_k3": (MapConfig(levels=(3, 5), unit="cat", k=3, gaussian="region7"), "none", 4.0),
     "m_r14_cat35_k3": (MapConfig(levels=(3, 5), unit="cat", k=3, gaussian="region14"), "none", 4.0),
@@ -608,9 +617,14 @@ def evaluate_set(
             fisher = gauss_tail_logp(zb) + gauss_tail_logp(zl)
             results[f"comb_fisher[{base}+{loc}]"] = {"image_auroc": auroc(data.labels, fisher.numpy())}
             results[f"comb_zmax[{base}+{loc}]"] = {"image_auroc": auroc(data.labels, torch.maximum(zb, zl).numpy())}
-    # three-way: pooled + a grid + a map statistic
     grid_names = [n for n in image_scores if n.startswith("g_")]
     map_names = [n for n in image_scores if n.startswith("m_")]
+    # the package's "local" score: a layout grid + a map statistic, z-scored on the held-out normals
+    for gname, mname in itertools.product(grid_names, map_names):
+        (gh, gt), (mh, mt) = image_scores[gname], image_scores[mname]
+        local_score = zscore(gt, gh) + zscore(mt, mh)
+        results[f"comb2_z[{gname}+{mname}]"] = {"image_auroc": auroc(data.labels, local_score.numpy())}
+    # three-way: pooled + a grid + a map statistic
     bh, bt = image_scores["pool"]
     for gname, mname in itertools.product(grid_names, map_names):
         z = zscore(bt, bh) + zscore(image_scores[gname][1], image_scores[gname][0])

@@ -7,12 +7,13 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/k3/results.jsonl \
-        --previous docs/results/results.jsonl --baselines docs/local_evidence/baselines.jsonl \
-        --out docs/results/table.md
+    python benchmarks/results_table.py --results docs/results/r12/results.jsonl \
+        --previous _r7=docs/results/k3/results.jsonl --previous _k1=docs/results/results.jsonl \
+        --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
 
-``--previous``: the rows of the default before ``map_neighbourhood`` (no neighbourhood average); they are shown
-as a row of their own and give the tables over held-out seeds (run with that map).
+``--previous SUFFIX=PATH``: the frozen rows of an earlier default, shown as a row of their own (``_r7``: 7 × 7
+regions; ``_k1``: no neighbourhood average either). The ``_k1`` rows also give the tables over held-out seeds
+(run with that map).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 SETS = ("elpv_mono", "elpv_poly", "bsdata", "magnetic_tile", "brick", "grass", "gravel")
-PREVIOUS = "_k1"  # suffix of the --previous rows' model names
+SEEDS_FROM = "_k1"  # the earlier default whose runs cover held-out seeds 0-2
 BASELINES = ("padim", "patchcore", "dfm")
 LABELS = {
-    "gaussft_default": "**GaussFT default** (fine-tuned, regional maps of 3 × 3 means, local score)",
+    "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means, local score)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise the default)",
-    "gaussft_default_frozen_k1": "GaussFT frozen, no neighbourhood average (`map_neighbourhood: 1`, default until now)",
+    "gaussft_default_frozen_r7": "GaussFT frozen, 7 × 7 regions (`map_regions: 7`, default until now)",
+    "gaussft_default_frozen_k1": "GaussFT frozen, 7 × 7 regions, no neighbourhood average (`map_neighbourhood: 1`)",
     "gaussft_frozen": "GaussFT before #14 (frozen, shared maps, paper's pooled score)",
     "padim": "PaDiM (blocks 1, 2, 4; 100 dims)",
     "patchcore": "PatchCore (blocks 2, 4; coreset 2 %)",
@@ -87,7 +89,7 @@ def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str]) -> list[str]
         lines += [
             "",
             f"GaussFT frozen over held-out seeds (`seed` 0-{len(runs) - 1}: which 20 % are held out), image AUROC "
-            "(`map_neighbourhood: 1`):",
+            "(`map_neighbourhood: 1`, 7 × 7 regions):",
             "",
             "| set | " + " | ".join(f"seed {i}" for i in range(len(runs))) + " | mean ± std |",
             "|---|" + "---:|" * (len(runs) + 1),
@@ -106,7 +108,8 @@ def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str]) -> list[str]
     if len(pairs) > 1:
         lines += [
             "",
-            "Fine-tuned (default) minus frozen GaussFT, image AUROC, same held-out seed (`map_neighbourhood: 1`):",
+            "Fine-tuned (default) minus frozen GaussFT, image AUROC, same held-out seed "
+            "(`map_neighbourhood: 1`, 7 × 7 regions):",
             "",
             "| set | " + " | ".join(f"seed {seed}" for _, _, seed in pairs) + " |",
             "|---|" + "---:|" * len(pairs),
@@ -126,13 +129,22 @@ def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path("docs/results/k3/results.jsonl"))
-    parser.add_argument("--previous", type=Path, default=Path("docs/results/results.jsonl"))
+    parser.add_argument(
+        "--previous",
+        action="append",
+        default=[],
+        metavar="SUFFIX=PATH",
+        help="frozen rows of an earlier default, e.g. _r7=docs/results/k3/results.jsonl (repeatable)",
+    )
     parser.add_argument("--baselines", type=Path, default=Path("docs/local_evidence/baselines.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("docs/results/table.md"))
     args = parser.parse_args(argv)
-    previous = load_rows(args.previous)
     rows = {**load_rows(args.baselines), **load_rows(args.results)}
-    rows.update({(f"{m}{PREVIOUS}", d): r for (m, d), r in previous.items() if m == "gaussft_default_frozen"})
+    previous: dict[str, dict[tuple[str, str], dict]] = {}
+    for spec in args.previous:
+        suffix, _, path = spec.partition("=")
+        previous[suffix] = load_rows(Path(path))
+        rows.update({(f"{m}{suffix}", d): r for (m, d), r in previous[suffix].items() if m == "gaussft_default_frozen"})
     models = [m for m in LABELS if any((m, s) in rows for s in SETS)]
     sets = [s for s in SETS if ("gaussft_default", s) in rows]
     lines = [
@@ -184,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         pixel = rows[("gaussft_default", s)].get("pixel_auroc")
         pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
-    lines += seed_tables(previous, sets)
+    if SEEDS_FROM in previous:
+        lines += seed_tables(previous[SEEDS_FROM], sets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -11,14 +11,15 @@ from anomalib_gaussft import GaussFT
 from conftest import TINY_BACKBONE, neighbourhood_mean_reference
 
 
-def _reference_level_map(train: np.ndarray, test: np.ndarray, map_gaussian: str) -> np.ndarray:
+def _reference_level_map(train: np.ndarray, test: np.ndarray, map_gaussian: str, regions: int) -> np.ndarray:
     """``sqrt(d² / C)`` per position with sklearn's Ledoit-Wolf and an explicit inverse.
 
-    ``regional``: one Gaussian per 7 × 7 region, fitted on the features of every position of the region.
+    ``regional``: one Gaussian per region of a ``regions × regions`` grid, fitted on the features of every position
+    of the region.
     """
     _, c, h, w = train.shape
     out = np.zeros((test.shape[0], h, w))
-    rows, cols = min(7, h), min(7, w)
+    rows, cols = min(regions, h), min(regions, w)
     region = [[(i * rows // h, j * cols // w) for j in range(w)] for i in range(h)]
     if map_gaussian == "shared":
         shared = LedoitWolf().fit(train.transpose(0, 2, 3, 1).reshape(-1, c))
@@ -47,6 +48,7 @@ def test_level_maps_match_direct_reference(map_gaussian: str, neighbourhood: int
         pre_trained=False,
         image_size=32,
         map_gaussian=map_gaussian,
+        map_regions=3,  # fewer regions than the 4 × 4 map of level 3 has positions: unequal blocks share Gaussians
         map_neighbourhood=neighbourhood,
     ).eval()
     train, test = torch.rand(24, 3, 32, 32), torch.rand(3, 3, 32, 32)
@@ -62,6 +64,7 @@ def test_level_maps_match_direct_reference(map_gaussian: str, neighbourhood: int
             neighbourhood_mean_reference(train_features[level].double().numpy(), neighbourhood),
             neighbourhood_mean_reference(test_features[level].double().numpy(), neighbourhood),
             map_gaussian,
+            model.model.map_regions,
         )
         np.testing.assert_allclose(level_map[:, 0].double().numpy(), expected, rtol=2e-3, atol=2e-3)
 

@@ -168,3 +168,26 @@ def test_too_few_images_fit_all_with_a_warning(tmp_path: Path, caplog: pytest.Lo
     assert int(model.model.map_gaussians["3"].num_samples) > 0  # every image was fitted
     with torch.no_grad():
         assert torch.isfinite(model.model(torch.rand(2, 3, 64, 64)).pred_score).all()
+
+
+def _statistics_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the fitted state outside the backbone (benchmarks' ``stats_mb``)."""
+    state = module.state_dict().items()
+    return sum(t.numel() * t.element_size() for key, t in state if not key.startswith("feature_extractor."))
+
+
+def test_default_statistics_stay_under_a_fifth_of_padims() -> None:
+    """#14's budget at the benchmark setting (lite0, 224 px): GaussFT's default statistics ≤ 1/5 of PaDiM's."""
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+    images = torch.rand(2, 3, 224, 224)
+    gaussft = GaussFT(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=224).model
+    gaussft.update_statistics(images)
+    gaussft.fit(quiet=True)
+    padim = PadimModel(
+        backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2", "blocks.4"], pre_trained=False, n_features=100
+    ).train()
+    padim.gaussian.fit(padim(images))
+    ours, theirs = _statistics_bytes(gaussft), _statistics_bytes(padim)
+    assert theirs > 100 * 2**20  # PaDiM: 100 × 100 inverse covariances at each of the 56 × 56 positions
+    assert ours <= theirs / 5, f"GaussFT {ours / 2**20:.1f} MiB vs PaDiM {theirs / 2**20:.1f} MiB"

@@ -78,3 +78,11 @@ python benchmarks/multiscale_map_study.py --seeds 1,2 --coarse k3 --out docs/loc
 python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale
 nice -n 5 python benchmarks/local_evidence_study.py --datasets magnetic_tile,bsdata,brick,grass,gravel --seeds 0 --tag fine \
     --refit --map-variants m_r7_k3,m_r14_k3,m_pp_k3,m_r14 --grid-variants g_l5_3j --out docs/local_evidence
+
+# 12. Region count with the 3 x 3 average (12 x 12 default); comb2_z[g_l5_3j_max+<map>_top1] is the local score
+nice -n 5 python benchmarks/local_evidence_study.py --datasets bsdata,magnetic_tile,brick,grass,gravel,elpv_mono,elpv_poly \
+    --seeds 0,1,2 --tag regions --refit --map-variants m_r7_k3,m_r10_k3,m_r12_k3,m_r14_k3 --grid-variants g_l5_3j \
+    --out docs/local_evidence
+nice -n 5 python benchmarks/local_evidence_study.py --datasets bsdata,magnetic_tile,brick,grass,gravel,elpv_mono,elpv_poly \
+    --seeds 0 --tag regions2 --refit --map-variants m_r12_k3_s2,m_r12_k3_l2345,m_r12_k3_l35 --grid-variants g_l5_3j \
+    --out docs/local_evidence

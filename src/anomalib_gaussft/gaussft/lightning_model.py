@@ -110,7 +110,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         levels: Sequence[hp.NonNegativeInt] | None = None,
         map_levels: Sequence[hp.NonNegativeInt] | None = None,
         map_gaussian: hp.MapGaussianName = "regional",
-        map_regions: hp.PositiveInt = 7,
+        map_regions: hp.PositiveInt = 12,
         map_neighbourhood: hp.PositiveInt = 3,
         image_score: hp.ImageScoreName = "local",
         sigma: hp.NonNegativeFloat = 4.0,

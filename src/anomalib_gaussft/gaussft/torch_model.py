@@ -80,7 +80,7 @@ class GaussFTModel(DynamicBufferMixin):
         levels: Sequence[int] | None = None,
         map_levels: Sequence[int] | None = None,
         map_gaussian: MapGaussian | str = MapGaussian.REGIONAL,
-        map_regions: int = 7,
+        map_regions: int = 12,
         map_neighbourhood: int = 3,
         image_score: ImageScore | str = ImageScore.LOCAL,
         sigma: float = 4.0,
