@@ -12,8 +12,8 @@ resampled separately) gives the 95 % interval of default GaussFT minus the best 
         --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
 
 ``--previous SUFFIX=PATH``: the frozen rows of an earlier default, shown as a row of their own (``_r7``: 7 × 7
-regions; ``_k1``: no neighbourhood average either). The ``_k1`` rows also give the tables over held-out seeds
-(run with that map).
+regions; ``_k1``: no neighbourhood average either). Tables over held-out seeds follow for the default's runs
+and for the ``_k1`` runs.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str]) -> list[str]:
-    """Frozen GaussFT over held-out seeds, and fine-tuned minus frozen per seed (rows of the ``--previous`` map)."""
+def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str], config: str) -> list[str]:
+    """Frozen GaussFT over held-out seeds, and fine-tuned minus frozen per seed; ``config`` names the map run."""
     lines: list[str] = []
     seeded = [m for m in rows_models(rows) if m.startswith("gaussft_default_frozen_seed")]
     if seeded:
@@ -89,7 +89,7 @@ def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str]) -> list[str]
         lines += [
             "",
             f"GaussFT frozen over held-out seeds (`seed` 0-{len(runs) - 1}: which 20 % are held out), image AUROC "
-            "(`map_neighbourhood: 1`, 7 × 7 regions):",
+            f"({config}):",
             "",
             "| set | " + " | ".join(f"seed {i}" for i in range(len(runs))) + " | mean ± std |",
             "|---|" + "---:|" * (len(runs) + 1),
@@ -108,8 +108,7 @@ def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str]) -> list[str]
     if len(pairs) > 1:
         lines += [
             "",
-            "Fine-tuned (default) minus frozen GaussFT, image AUROC, same held-out seed "
-            "(`map_neighbourhood: 1`, 7 × 7 regions):",
+            f"Fine-tuned (default) minus frozen GaussFT, image AUROC, same held-out seed ({config}):",
             "",
             "| set | " + " | ".join(f"seed {seed}" for _, _, seed in pairs) + " |",
             "|---|" + "---:|" * len(pairs),
@@ -196,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         pixel = rows[("gaussft_default", s)].get("pixel_auroc")
         pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
+    lines += seed_tables(rows, sets, "the default")
     if SEEDS_FROM in previous:
-        lines += seed_tables(previous[SEEDS_FROM], sets)
+        lines += seed_tables(previous[SEEDS_FROM], sets, "earlier default: 7 × 7 regions, `map_neighbourhood: 1`")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
