@@ -495,3 +495,19 @@ def test_forgetting_detection_ranks_by_the_models_image_score() -> None:
     labels = [0] * len(normal_terms) + [1] * (len(scores) - len(normal_terms))
     assert normal_terms.shape[1] == 2  # layout and map terms
     assert actual["all"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)  # float32 AUROC vs float64
+
+
+@pytest.mark.parametrize("map_gaussian", ["shared", "regional"])
+def test_local_loss_reads_the_neighbourhood_means_the_map_gaussians_read(map_gaussian: str) -> None:
+    """The local loss's map samples are each position's 3 × 3 mean, for every kind of map Gaussian."""
+    from conftest import neighbourhood_mean_reference
+
+    model = _tiny(fine_tune_epochs=1, loss_features="local", map_gaussian=map_gaussian).eval()
+    with torch.no_grad():
+        features = model.model.extract(torch.rand(3, 3, 64, 64))
+        samples = model.model.loss_samples(features, "local")
+    for level in model.model.map_levels:
+        n, c, h, w = features[level].shape
+        expected = neighbourhood_mean_reference(features[level].double().numpy(), 3)
+        expected = torch.from_numpy(expected).reshape(n, c, h * w).transpose(1, 2)
+        torch.testing.assert_close(samples[f"map_{level}"][0].double(), expected, rtol=1e-5, atol=1e-6)

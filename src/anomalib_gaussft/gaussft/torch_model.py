@@ -242,6 +242,7 @@ class GaussFTModel(DynamicBufferMixin):
         for lvl in self.map_levels:
             feats = features[lvl]
             if self.map_gaussian == MapGaussian.SHARED:  # the loss's folds need one row per image: slots, group 0
+                feats = neighbourhood_average(feats, self.map_neighbourhood)  # what the map's Gaussian reads
                 n, c, h, w = feats.shape
                 index = torch.zeros(h * w, dtype=torch.long, device=feats.device)
                 samples[f"map_{lvl}"] = (feats.reshape(n, c, h * w).transpose(1, 2), index)
