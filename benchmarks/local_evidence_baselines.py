@@ -43,6 +43,9 @@ DATASETS = {
     "gravel": {"kind": "mvtec", "root": "/work/data/textures", "category": "gravel", "masks": True},
     # not used to choose any default: the check that they generalise (benchmarks/make_magnetic_tile.py)
     "magnetic_tile": {"kind": "mvtec", "root": "/work/data/magnetic_tile", "category": "magnetic_tile", "masks": True},
+    # added after every default was chosen, never used to choose one (benchmarks/make_kolektorsdd.py, make_deeppcb.py)
+    "kolektorsdd": {"kind": "mvtec", "root": "/work/data/kolektorsdd", "category": "kolektorsdd", "masks": True},
+    "deeppcb": {"kind": "mvtec", "root": "/work/data/deeppcb", "category": "deeppcb", "masks": True},
 }
 
 

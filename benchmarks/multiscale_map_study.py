@@ -19,6 +19,11 @@ map), the package's local score, with the map in question.
     PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --seeds 1,2 --coarse k3 \
         --out docs/local_evidence/multiscale
     python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale   # -> summary.md
+    # today's grid: the unaveraged 12 x 12 map ("fine") fused with the default 3 x 3-averaged one
+    PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12 --coarse r12_k3,r12_k5 \
+        --seeds 0 --out docs/local_evidence/multiscale12
+    PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 \
+        --seeds 0 --out docs/local_evidence/multiscale12_l3
 """
 
 from __future__ import annotations
@@ -44,8 +49,15 @@ from local_evidence_study import (
     zscore,
 )
 
-FINE = MapConfig(gaussian="region7")  # the package default: levels 3-5, 7 x 7 regions, no neighbourhood average
+FINE: dict[str, MapConfig] = {
+    "r7": MapConfig(gaussian="region7"),  # the package default of the first study: 7 x 7 regions, no average
+    "r12": MapConfig(gaussian="region12"),  # today's grid without the neighbourhood average
+    "r12_l3": MapConfig(levels=(3,), gaussian="region12"),  # its stride-8 level only: 7 % of the map statistics
+    "r12_l34": MapConfig(levels=(3, 4), gaussian="region12"),
+}
 COARSE: dict[str, MapConfig] = {
+    "r12_k3": MapConfig(gaussian="region12", k=3),  # today's default map
+    "r12_k5": MapConfig(gaussian="region12", k=5),
     "k3": MapConfig(gaussian="region7", k=3),
     "k5": MapConfig(gaussian="region7", k=5),
     "l6": MapConfig(levels=(6,), gaussian="region7"),
@@ -53,7 +65,7 @@ COARSE: dict[str, MapConfig] = {
     "l567_k3": MapConfig(levels=(5, 6, 7), gaussian="region7", k=3),
 }
 SIGMA = 4.0
-SETS = "magnetic_tile,bsdata,brick,grass,gravel,elpv_mono,elpv_poly"
+SETS = "magnetic_tile,bsdata,kolektorsdd,deeppcb,brick,grass,gravel,elpv_mono,elpv_poly"
 
 
 def maps_of(data, cfg: MapConfig, fit_idx: np.ndarray, held) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +81,7 @@ def pixel_z(held_map: torch.Tensor, test_map: torch.Tensor) -> torch.Tensor:
     return (test_map - held_map.mean()) / held_map.std().clamp_min(1e-12)
 
 
-def evaluate(data, seed: int, coarse_names: list[str]) -> dict[str, dict[str, float]]:
+def evaluate(data, seed: int, coarse_names: list[str], fine: MapConfig) -> dict[str, dict[str, float]]:
     fit_idx, held_idx = held_out_split(len(data.train), 0.2, seed)
     held = data.train.take(held_idx)
     all_idx = np.arange(len(data.train))
@@ -86,7 +98,7 @@ def evaluate(data, seed: int, coarse_names: list[str]) -> dict[str, dict[str, fl
             out["pixel_auroc"] = auroc(masks, map_t.numpy())
         return out
 
-    fine_h, fine_t = maps_of(data, FINE, fit_idx, held)
+    fine_h, fine_t = maps_of(data, fine, fit_idx, held)
     results = {"fine": row(fine_h, fine_t)}
     zf_h, zf_t = pixel_z(fine_h, fine_h), pixel_z(fine_h, fine_t)
     for name in coarse_names:
@@ -128,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=SETS)
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--coarse", default=",".join(COARSE))
+    parser.add_argument("--coarse", default="k3,k5,l6,l3456_k3,l567_k3")
+    parser.add_argument("--fine", default="r7", choices=sorted(FINE), help="the fine map (r7: the first study's)")
     parser.add_argument("--cache", type=Path, default=Path("/work/data/cache/local_evidence"))
     parser.add_argument("--out", type=Path, default=Path("docs/local_evidence/multiscale"))
     parser.add_argument("--summary", type=Path, default=None, help="write FOLDER/summary.md from its runs and stop")
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_set(args.cache, name)
         for seed in (int(s) for s in args.seeds.split(",")):
             start = time.perf_counter()
-            results = evaluate(data, seed, args.coarse.split(","))
+            results = evaluate(data, seed, args.coarse.split(","), FINE[args.fine])
             (args.out / f"{name}_seed{seed}.json").write_text(json.dumps(results, indent=1))
             print(f"{name} seed {seed} ({time.perf_counter() - start:.0f} s)", flush=True)
             for variant, metrics in results.items():

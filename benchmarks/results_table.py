@@ -7,13 +7,15 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/r12/results.jsonl \
-        --previous _r7=docs/results/k3/results.jsonl --previous _k1=docs/results/results.jsonl \
-        --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
+    python benchmarks/results_table.py --results docs/results/c3/results.jsonl \
+        --previous _local=docs/results/r12/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
+        --previous _k1=docs/results/results.jsonl --baselines docs/local_evidence/baselines.jsonl \
+        --out docs/results/table.md
 
-``--previous SUFFIX=PATH``: the frozen rows of an earlier default, shown as a row of their own (``_r7``: 7 × 7
-regions; ``_k1``: no neighbourhood average either). Tables over held-out seeds follow for the default's runs
-and for the ``_k1`` runs.
+``--previous SUFFIX=PATH``: the rows of an earlier default, shown as rows of their own (``_local``: the local
+image score, fine-tuned and frozen; ``_r7``: 7 × 7 regions; ``_k1``: no neighbourhood average either; only the
+frozen row of the latter two). Tables over held-out seeds follow for the default's runs and for the
+``--seeds-from`` runs.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-SETS = ("elpv_mono", "elpv_poly", "bsdata", "magnetic_tile", "brick", "grass", "gravel")
-SEEDS_FROM = "_k1"  # the earlier default whose runs cover held-out seeds 0-2
+SETS = ("elpv_mono", "elpv_poly", "bsdata", "magnetic_tile", "kolektorsdd", "deeppcb", "brick", "grass", "gravel")
+SEEDS_LABELS = {"_local": "earlier default: `image_score: local`", "_k1": "7 × 7 regions, `map_neighbourhood: 1`"}
 BASELINES = ("padim", "patchcore", "dfm")
 LABELS = {
-    "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means, local score)",
+    "gaussft_default": "**GaussFT default** (fine-tuned, combined score, 12 × 12 regional maps of 3 × 3 means)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise the default)",
-    "gaussft_default_frozen_r7": "GaussFT frozen, 7 × 7 regions (`map_regions: 7`, default until now)",
-    "gaussft_default_frozen_k1": "GaussFT frozen, 7 × 7 regions, no neighbourhood average (`map_neighbourhood: 1`)",
+    "gaussft_default_local": "GaussFT fine-tuned, `image_score: local` (default until now)",
+    "gaussft_default_frozen_local": "GaussFT frozen, `image_score: local`",
+    "gaussft_default_frozen_r7": "GaussFT frozen, local score, 7 × 7 regions (`map_regions: 7`)",
+    "gaussft_default_frozen_k1": "GaussFT frozen, local score, 7 × 7 regions, no neighbourhood average",
     "gaussft_frozen": "GaussFT before #14 (frozen, shared maps, paper's pooled score)",
     "padim": "PaDiM (blocks 1, 2, 4; 100 dims)",
     "patchcore": "PatchCore (blocks 2, 4; coreset 2 %)",
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         help="frozen rows of an earlier default, e.g. _r7=docs/results/k3/results.jsonl (repeatable)",
     )
     parser.add_argument("--baselines", type=Path, default=Path("docs/local_evidence/baselines.jsonl"))
+    parser.add_argument("--seeds-from", default="_local", help="the --previous SUFFIX whose seed tables follow")
     parser.add_argument("--out", type=Path, default=Path("docs/results/table.md"))
     args = parser.parse_args(argv)
     rows = {**load_rows(args.baselines), **load_rows(args.results)}
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.previous:
         suffix, _, path = spec.partition("=")
         previous[suffix] = load_rows(Path(path))
-        rows.update({(f"{m}{suffix}", d): r for (m, d), r in previous[suffix].items() if m == "gaussft_default_frozen"})
+        kept = ("gaussft_default_frozen", "gaussft_default") if suffix == "_local" else ("gaussft_default_frozen",)
+        rows.update({(f"{m}{suffix}", d): r for (m, d), r in previous[suffix].items() if m in kept})
     models = [m for m in LABELS if any((m, s) in rows for s in SETS)]
     sets = [s for s in SETS if ("gaussft_default", s) in rows]
     lines = [
@@ -196,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
     lines += seed_tables(rows, sets, "the default")
-    if SEEDS_FROM in previous:
-        lines += seed_tables(previous[SEEDS_FROM], sets, "earlier default: 7 × 7 regions, `map_neighbourhood: 1`")
+    if args.seeds_from in previous:
+        lines += seed_tables(previous[args.seeds_from], sets, SEEDS_LABELS.get(args.seeds_from, args.seeds_from))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

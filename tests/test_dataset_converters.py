@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import make_deeppcb
+import make_kolektorsdd
 import make_magnetic_tile
 
 
@@ -70,3 +72,93 @@ def test_magnetic_tile_refuses_to_overwrite(tile_repo: Path, tmp_path: Path) -> 
     with pytest.raises(SystemExit):
         make_magnetic_tile.main(["--repo", str(tile_repo), "--out", str(out)])
     assert (out / "keep").is_dir()
+
+
+@pytest.fixture
+def kolektor_repo(tmp_path: Path) -> Path:
+    """Five images as the YOLO copy stores them: four defect-free (empty labels), one with a polygon."""
+    repo = tmp_path / "ksdd"
+    for split, stems in (("train", ["000", "001", "002"]), ("val", ["003", "004"])):
+        (repo / "Datasets" / "images" / split).mkdir(parents=True)
+        (repo / "Datasets" / "labels" / split).mkdir(parents=True)
+        for stem in stems:
+            image = np.full((200, 80), 90, np.uint8)
+            label = ""
+            if stem == "004":  # a bright defect in the right half of the bottom quarter, as a normalised polygon
+                image[150:, 40:] = 250
+                label = "0 0.5 0.75 1.0 0.75 1.0 1.0 0.5 1.0"
+            Image.fromarray(image).save(repo / "Datasets" / "images" / split / f"{stem}.jpg", quality=100)
+            (repo / "Datasets" / "labels" / split / f"{stem}.txt").write_text(label)
+    return repo
+
+
+def test_kolektorsdd_layout_and_polygon_masks(kolektor_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data" / "kolektorsdd"
+    make_kolektorsdd.main(["--repo", str(kolektor_repo), "--out", str(out), "--width", "32", "--height", "64"])
+
+    assert len(list((out / "train" / "good").glob("*.png"))) == 3  # round(0.7 * 4)
+    assert len(list((out / "test" / "good").glob("*.png"))) == 1
+    assert [p.name for p in (out / "test" / "crack").iterdir()] == ["val_004.png"]
+    mask = np.asarray(Image.open(out / "ground_truth" / "crack" / "val_004_mask.png"))
+    assert mask.shape == (64, 32)
+    assert set(np.unique(mask)) == {0, 255}
+    assert mask[49:, 17:].min() == 255
+    assert mask[:47].max() == 0
+    assert mask[:, :15].max() == 0
+    pixels = np.asarray(Image.open(out / "test" / "crack" / "val_004.png"))
+    assert pixels.shape == (64, 32, 3)
+    assert pixels[52:, 20:, 0].mean() > 200  # the bright defect sits under its mask
+    assert pixels[:24, :12, 0].mean() < 120
+
+
+def test_kolektorsdd_rejects_an_odd_polygon(kolektor_repo: Path, tmp_path: Path) -> None:
+    (kolektor_repo / "Datasets" / "labels" / "val" / "004.txt").write_text("0 0.5 0.5 1.0")
+    with pytest.raises(ValueError, match=r"004\.txt:1: a polygon needs"):
+        make_kolektorsdd.main(["--repo", str(kolektor_repo), "--out", str(tmp_path / "out")])
+
+
+@pytest.fixture
+def pcb_repo(tmp_path: Path) -> Path:
+    """DeepPCB's layout: two trainval pairs, two test pairs; the tested images carry one bright box each."""
+    data = tmp_path / "pcb" / "PCBData"
+    (data / "group1" / "1").mkdir(parents=True)
+    (data / "group1" / "1_not").mkdir(parents=True)
+    lines = {"trainval": [], "test": []}
+    for index, split in enumerate(["trainval", "trainval", "test", "test"]):
+        stem = f"1000{index}"
+        template = np.zeros((80, 80), np.uint8)
+        tested = template.copy()
+        tested[60:80, 40:80] = 255  # the defect: right half of the bottom quarter
+        Image.fromarray(template).save(data / "group1" / "1" / f"{stem}_temp.jpg", quality=100)
+        Image.fromarray(tested).save(data / "group1" / "1" / f"{stem}_test.jpg", quality=100)
+        (data / "group1" / "1_not" / f"{stem}.txt").write_text("40,60,79,79,1\n")
+        lines[split].append(f"group1/1/{stem}.jpg group1/1_not/{stem}.txt")
+    for split, entries in lines.items():
+        (data / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    return tmp_path / "pcb"
+
+
+def test_deeppcb_layout_pairs_and_box_masks(pcb_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data" / "deeppcb"
+    make_deeppcb.main(["--repo", str(pcb_repo), "--out", str(out), "--size", "40", "--test-pairs", "2"])
+
+    assert sorted(p.name for p in (out / "train" / "good").iterdir()) == ["10000.png", "10001.png"]
+    assert sorted(p.name for p in (out / "test" / "good").iterdir()) == ["10002.png", "10003.png"]
+    assert sorted(p.name for p in (out / "test" / "defect").iterdir()) == ["10002.png", "10003.png"]
+    mask = np.asarray(Image.open(out / "ground_truth" / "defect" / "10002_mask.png"))
+    assert mask.shape == (40, 40)
+    assert mask[31:, 21:].min() == 255
+    assert mask[:29].max() == 0
+    assert mask[:, :19].max() == 0
+    tested = np.asarray(Image.open(out / "test" / "defect" / "10002.png"))[..., 0]
+    template = np.asarray(Image.open(out / "test" / "good" / "10002.png"))[..., 0]
+    assert tested[32:, 22:].mean() > 200  # the defect sits under its mask, and only the tested image has it
+    assert template.max() < 50
+
+
+def test_deeppcb_rejects_a_missing_image_and_too_many_pairs(pcb_repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        make_deeppcb.main(["--repo", str(pcb_repo), "--out", str(tmp_path / "a"), "--test-pairs", "3"])
+    (pcb_repo / "PCBData" / "group1" / "1" / "10003_test.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"10003_test\.jpg: listed in the split but missing"):
+        make_deeppcb.main(["--repo", str(pcb_repo), "--out", str(tmp_path / "b"), "--test-pairs", "2"])

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from anomalib_gaussft import GaussFT
 from anomalib_gaussft.gaussft.forgetting import ForgettingCallback
 from anomalib_gaussft.gaussft.held_out import held_out_split
+from anomalib_gaussft.gaussft.image_score import TERMS
 from anomalib_gaussft.gaussft.loss import GaussianLoss
 from conftest import TINY_BACKBONE
 
@@ -424,7 +425,8 @@ def test_local_loss_is_the_mean_squared_map_plus_the_layout_distance() -> None:
         features = model.model.extract(images)
         actual = _loss(model, images)
         maps = sum(level_map.square().mean() for level_map in model.model.level_maps(features))
-        layout_distance = model.model.score_terms(features, torch.zeros(12, 1, 64, 64))[:, 0]  # d, not d²
+        layout_column = TERMS[model.model.image_score.value].index("layout")
+        layout_distance = model.model.score_terms(features, torch.zeros(12, 1, 64, 64))[:, layout_column]  # d
         expected = maps + layout_distance.square().mean() / model.model.layout_gaussian.dim
     assert set(model.loss.target_shapes) == {"map_3", "map_4", "map_5", "layout"}
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
@@ -468,7 +470,7 @@ def test_local_loss_trains_the_map_levels_and_lowers_with_steps() -> None:
 
 
 def test_forgetting_detection_ranks_by_the_models_image_score() -> None:
-    """The pseudo-anomaly AUROC of the local score: its terms z-scored on the held-out normals, summed (sklearn)."""
+    """The pseudo-anomaly AUROC of the default score: its terms z-scored on the held-out normals, summed (sklearn)."""
     from types import SimpleNamespace
 
     from sklearn.metrics import roc_auc_score
@@ -493,7 +495,7 @@ def test_forgetting_detection_ranks_by_the_models_image_score() -> None:
     z = lambda t: ((t.double() - normal_terms.mean(0)) / normal_terms.std(0)).sum(1)  # noqa: E731
     scores = torch.cat([z(normal_terms), *[z(a) for a in anomalies]]).numpy()
     labels = [0] * len(normal_terms) + [1] * (len(scores) - len(normal_terms))
-    assert normal_terms.shape[1] == 2  # layout and map terms
+    assert normal_terms.shape[1] == 3  # the default "combined" score: pooled, layout and map terms
     assert actual["all"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)  # float32 AUROC vs float64
 
 

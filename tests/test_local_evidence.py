@@ -84,24 +84,40 @@ def _adaptive_pool_reference(features: np.ndarray, grid: int) -> np.ndarray:
     return out.reshape(n, -1)
 
 
-def test_local_score_is_the_sum_of_z_scored_layout_and_map_terms() -> None:
-    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64).model.eval()
+def _mahalanobis_reference(train: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Distances of ``samples`` to sklearn's Ledoit-Wolf Gaussian of ``train`` (both ``(N, D)``)."""
+    reference = LedoitWolf().fit(train)
+    centred = samples - reference.location_
+    return np.sqrt(np.einsum("ni,ij,nj->n", centred, np.linalg.inv(reference.covariance_), centred))
+
+
+@pytest.mark.parametrize("image_score", ["local", "combined"])
+def test_normalised_score_is_the_sum_of_its_z_scored_terms(image_score: str) -> None:
+    """local: layout + map top; combined: the paper's pooled score (Σ of per-level distances) before them."""
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, image_score=image_score).model.eval()
+    assert model.image_score.value == image_score
     train, held_out, test = torch.rand(40, 3, 64, 64), torch.rand(8, 3, 64, 64), torch.rand(3, 3, 64, 64)
     for chunk in train.split(10):
         model.update_statistics(chunk)
     model.fit()
     with torch.no_grad():
-        layout_train = _adaptive_pool_reference(model.extract(train)[model.layout_level].double().numpy(), 3)
-        reference = LedoitWolf().fit(layout_train)
+        train_features = model.extract(train)
+        layout_train = _adaptive_pool_reference(train_features[model.layout_level].double().numpy(), 3)
+        pooled_train = {lvl: train_features[lvl].double().mean((2, 3)).numpy() for lvl in model.levels}
 
         def terms(images: torch.Tensor) -> np.ndarray:
             features = model.extract(images)
             vectors = _adaptive_pool_reference(features[model.layout_level].double().numpy(), 3)
-            centred = vectors - reference.location_
-            layout = np.sqrt(np.einsum("ni,ij,nj->n", centred, np.linalg.inv(reference.covariance_), centred))
+            layout = _mahalanobis_reference(layout_train, vectors)
             anomaly_map = model.anomaly_map(features, images.shape[-2:])
             top = np.sort(anomaly_map.flatten(1).double().numpy(), axis=1)[:, -math.ceil(0.01 * 64 * 64) :].mean(1)
-            return np.stack([layout, top], axis=1)
+            if image_score == "local":
+                return np.stack([layout, top], axis=1)
+            pooled = sum(
+                _mahalanobis_reference(pooled_train[lvl], features[lvl].double().mean((2, 3)).numpy())
+                for lvl in model.levels
+            )
+            return np.stack([pooled, layout, top], axis=1)
 
         normal_terms = terms(held_out)
         model.score_normalisation.fit(torch.from_numpy(normal_terms))
@@ -164,7 +180,7 @@ def test_too_few_images_fit_all_with_a_warning(tmp_path: Path, caplog: pytest.Lo
         engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
         engine.fit(model=model, datamodule=_datamodule(tmp_path / "data"))
     assert "Too few training images to hold out normals" in caplog.text
-    assert model.model.score_normalisation.mean.tolist() == [0.0, 0.0]  # unnormalised sum
+    assert model.model.score_normalisation.mean.tolist() == [0.0, 0.0, 0.0]  # unnormalised sum of the 3 terms
     assert int(model.model.map_gaussians["3"].num_samples) > 0  # every image was fitted
     with torch.no_grad():
         assert torch.isfinite(model.model(torch.rand(2, 3, 64, 64)).pred_score).all()

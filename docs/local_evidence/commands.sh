@@ -86,3 +86,22 @@ nice -n 5 python benchmarks/local_evidence_study.py --datasets bsdata,magnetic_t
 nice -n 5 python benchmarks/local_evidence_study.py --datasets bsdata,magnetic_tile,brick,grass,gravel,elpv_mono,elpv_poly \
     --seeds 0 --tag regions2 --refit --map-variants m_r12_k3_s2,m_r12_k3_l2345,m_r12_k3_l35 --grid-variants g_l5_3j \
     --out docs/local_evidence
+
+# 13. Two sets none of the defaults saw: KolektorSDD and DeepPCB (converted from their public GitHub copies)
+git -C /work/.mirror/stoy95536+KolektorSDD_Yolov8_Datasets/repo archive 81e5cf3 | tar -x -C /work/data/cache/ksdd_repo
+python benchmarks/make_kolektorsdd.py --repo /work/data/cache/ksdd_repo --out /work/data/kolektorsdd/kolektorsdd
+git -C /work/.mirror/tangsanli5201+DeepPCB/repo archive 08e98c4 PCBData | tar -x -C /work/data/cache/deeppcb_repo
+python benchmarks/make_deeppcb.py --repo /work/data/cache/deeppcb_repo --out /work/data/deeppcb/deeppcb
+nice -n 10 python benchmarks/local_evidence_baselines.py --out docs/local_evidence --coreset-ratio 0.02 \
+    --models dfm,padim,patchcore --datasets kolektorsdd,deeppcb
+nice -n 15 python benchmarks/local_evidence_features.py --datasets kolektorsdd,deeppcb
+nice -n 15 python benchmarks/local_evidence_study.py --datasets kolektorsdd,deeppcb --seeds 0,1,2 --tag unseen --refit \
+    --map-variants m_r7,m_r7_k3,m_r12_k3,m_r14_k3,m_r12_k3_l2345 --grid-variants g_l5_3j --out docs/local_evidence
+python benchmarks/score_terms_table.py --study docs/local_evidence --tags regions,unseen \
+    --baselines docs/local_evidence/baselines.jsonl --out docs/local_evidence/score_terms.md
+PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12 --coarse r12_k3,r12_k5 --seeds 0 \
+    --datasets deeppcb,kolektorsdd,magnetic_tile,bsdata,brick,grass,gravel,elpv_mono,elpv_poly --out docs/local_evidence/multiscale12
+PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 --seeds 0 \
+    --datasets deeppcb,kolektorsdd,magnetic_tile,bsdata,brick,grass,gravel,elpv_mono,elpv_poly --out docs/local_evidence/multiscale12_l3
+python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale12
+python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale12_l3

@@ -33,6 +33,7 @@ class ImageScore(str, Enum):
     GAUSSIAN_AD = "gaussian_ad"  # the paper's: Σ over levels of the pooled-feature Mahalanobis distance
     MAP_MAX = "map_max"  # maximum of the anomaly map
     LOCAL = "local"  # z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out normals
+    COMBINED = "combined"  # z(the paper's pooled score) + the two "local" terms, each z-scored on held-out normals
 
 
 class LossDistance(str, Enum):
@@ -59,7 +60,7 @@ class LossGaussian(str, Enum):
 # Option types of GaussFT's signature: anomalib's CLI (jsonargparse) checks them while parsing and reports a bad
 # value in a few lines (key, value, restriction) before anything runs.
 MapGaussianName = Literal["shared", "per_position", "regional"]
-ImageScoreName = Literal["gaussian_ad", "map_max", "local"]
+ImageScoreName = Literal["gaussian_ad", "map_max", "local", "combined"]
 LossDistanceName = Literal["mahalanobis", "euclidean"]
 LossGaussianName = Literal["cross_fit", "in_sample"]
 LossFeaturesName = Literal["pooled", "local"]

@@ -1,9 +1,11 @@
-"""The image score with local evidence: z-scored layout distance plus z-scored top of the anomaly map.
+"""Image scores with local evidence: sums of z-scored terms (pooled distance, layout distance, top of the map).
 
 The paper's pooled score cannot see a defect that covers 0.2 % of the image; the mean of the anomaly map's top 1 %
 can, and the layout distance (the deepest map level pooled to a coarse grid, one joint Gaussian) sees a part
-that is out of place. The two terms live on different scales, so each is z-scored with its mean and standard
-deviation on held-out normal images (docs/local_evidence.md): no anomaly chooses a weight.
+that is out of place. ``"local"`` sums the layout and map terms; ``"combined"`` (the default) adds the paper's
+pooled score, which is shift-invariant and carries unaligned surfaces where the layout term sees only
+nuisance (docs/local_evidence.md). The terms live on different scales, so each is z-scored with its mean and
+standard deviation on held-out normal images: no anomaly chooses a weight.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TOP_FRACTION = 0.01  # share of the anomaly map's pixels whose mean is the map term
-TERMS = ("layout", "map_top")
+# The z-scored terms of each normalised image score, in the order ``GaussFTModel.score_terms`` returns them.
+TERMS = {"local": ("layout", "map_top"), "combined": ("pooled", "layout", "map_top")}
 MIN_NORMALISATION_IMAGES = 2
 UNNORMALISED_WARNING = (
     "Too few training images to hold out normals for the image-score normalisation: all are fitted and the "
-    "layout and map terms are summed unnormalised. Add normal images (≥ 20 advised) or set image_score='gaussian_ad'."
+    "score's terms are summed unnormalised. Add normal images (≥ 20 advised) or set image_score='gaussian_ad'."
 )
 
 
@@ -40,7 +43,7 @@ def top_fraction_mean(anomaly_map: torch.Tensor, fraction: float = TOP_FRACTION)
 class ScoreNormalisation(nn.Module):
     """Per-term mean and standard deviation on held-out normals; the score is the sum of the z-scores."""
 
-    def __init__(self, n_terms: int = len(TERMS)) -> None:
+    def __init__(self, n_terms: int = 2) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_terms))
         self.register_buffer("std", torch.ones(n_terms))
@@ -84,7 +87,8 @@ def normalise_on_held_out(
     terms = torch.cat(terms)
     model.score_normalisation.fit(terms)
     normalisation = model.score_normalisation
-    summary = zip(TERMS, normalisation.mean.tolist(), normalisation.std.tolist(), strict=True)
+    names = TERMS[model.image_score.value]
+    summary = zip(names, normalisation.mean.tolist(), normalisation.std.tolist(), strict=True)
     logger.info(
         "Image-score normalisation from %d held-out normals: %s.",
         len(terms),

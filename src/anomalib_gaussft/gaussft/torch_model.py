@@ -17,7 +17,7 @@ from .feature_extractor import MultiLevelFeatureExtractor
 from .feature_samples import LAYOUT_GRID, layout_vector, neighbourhood_average, pooled
 from .gaussian import StreamingGaussian
 from .hyperparameters import ImageScore, LossFeatures, MapGaussian
-from .image_score import ScoreNormalisation, top_fraction_mean
+from .image_score import TERMS, ScoreNormalisation, top_fraction_mean
 from .input_checks import non_finite_features_error
 from .loss import LossSamples
 from .regions import region_grid, region_index
@@ -66,7 +66,7 @@ class GaussFTModel(DynamicBufferMixin):
         map_gaussian: ``"regional"``, ``"shared"`` or ``"per_position"``.
         map_regions: Regions per side of the ``"regional"`` map Gaussians.
         map_neighbourhood: Side of the square neighbourhood averaged at each map position (1 = none).
-        image_score: ``"local"``, ``"gaussian_ad"`` or ``"map_max"``.
+        image_score: ``"combined"``, ``"local"``, ``"gaussian_ad"`` or ``"map_max"``.
         sigma: Blur of the anomaly map in pixels.
 
     """
@@ -82,7 +82,7 @@ class GaussFTModel(DynamicBufferMixin):
         map_gaussian: MapGaussian | str = MapGaussian.REGIONAL,
         map_regions: int = 12,
         map_neighbourhood: int = 3,
-        image_score: ImageScore | str = ImageScore.LOCAL,
+        image_score: ImageScore | str = ImageScore.COMBINED,
         sigma: float = 4.0,
     ) -> None:
         super().__init__()
@@ -106,14 +106,13 @@ class GaussFTModel(DynamicBufferMixin):
         self.map_gaussians = nn.ModuleDict(
             {str(lvl): StreamingGaussian(self._map_groups(lvl), shapes[lvl][0]) for lvl in self.map_levels}
         )
-        # Layout term of the "local" image score: the deepest map level pooled to 3 × 3, one joint Gaussian.
+        # Layout term of the "local" and "combined" image scores: the deepest map level pooled to 3 × 3, one
+        # joint Gaussian.
         self.layout_level = max(self.map_levels)
         self.layout_gaussian = (
-            StreamingGaussian(1, shapes[self.layout_level][0] * LAYOUT_GRID**2)
-            if self.image_score == ImageScore.LOCAL
-            else None
+            StreamingGaussian(1, shapes[self.layout_level][0] * LAYOUT_GRID**2) if self.normalised_score else None
         )
-        self.score_normalisation = ScoreNormalisation()
+        self.score_normalisation = ScoreNormalisation(len(TERMS.get(self.image_score.value, TERMS["local"])))
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, image_size=self.image_size)
         self.register_buffer("is_fitted", torch.tensor(False))
         # Plain-bool mirror of ``is_fitted``: torch.export traces with fake buffers whose value is unknown.
@@ -348,22 +347,34 @@ class GaussFTModel(DynamicBufferMixin):
         """The anomaly map ``(N, 1, H, W)`` at ``image_size``."""
         return self.anomaly_map_generator(self.level_maps(features), image_size)
 
+    @property
+    def normalised_score(self) -> bool:
+        """Whether the image score is a sum of terms z-scored on held-out normals ("local", "combined")."""
+        return self.image_score in (ImageScore.LOCAL, ImageScore.COMBINED)
+
     def raw_score_terms(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
-        """``(N, T)`` raw terms of the image score (``T = 1`` unless "local"): what forgetting detection ranks."""
-        if self.image_score == ImageScore.LOCAL:
+        """``(N, T)`` raw terms of the image score (``T = 1`` unless normalised): what forgetting detection ranks."""
+        if self.normalised_score:
             return self.score_terms(features, self.anomaly_map(features, image_size))
         if self.image_score == ImageScore.MAP_MAX:
             return self.anomaly_map(features, image_size).amax(dim=(-3, -2, -1))[:, None]
         return self.pooled_image_score(features)[:, None]
 
     def score_terms(self, features: Features, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """``(N, 2)`` raw terms of the "local" image score: layout distance, mean of the map's top 1 %."""
+        """Raw terms of a normalised image score, ``(N, T)`` in ``image_score.TERMS`` order.
+
+        "local": layout distance, mean of the map's top 1 %; "combined": the paper's pooled score before them.
+        """
         if self.layout_gaussian is None:
-            msg = f"score_terms needs image_score='local' (this model has {self.image_score.value!r})."
+            msg = (
+                f"score_terms needs image_score='local' or 'combined' (this model has {self.image_score.value!r})."
+            )
             raise ValueError(msg)
         squared = self.layout_gaussian.squared_mahalanobis(layout_vector(features[self.layout_level]))
-        layout = torch.sqrt(squared.clamp_min(0)).squeeze(1)
-        return torch.stack([layout, top_fraction_mean(anomaly_map)], dim=1)
+        terms = [torch.sqrt(squared.clamp_min(0)).squeeze(1), top_fraction_mean(anomaly_map)]
+        if self.image_score == ImageScore.COMBINED:
+            terms.insert(0, self.pooled_image_score(features))
+        return torch.stack(terms, dim=1)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score images: ``pred_score`` ``(N,)`` and ``anomaly_map`` ``(N, 1, H, W)``."""
@@ -384,7 +395,7 @@ class GaussFTModel(DynamicBufferMixin):
         ``level_distances``: :meth:`level_distances` of the same features, when the caller has them already.
         """
         anomaly_map = self.anomaly_map(features, image_size)
-        if self.image_score == ImageScore.LOCAL:
+        if self.normalised_score:
             pred_score = self.score_normalisation(self.score_terms(features, anomaly_map))
         elif self.image_score == ImageScore.MAP_MAX:
             pred_score = anomaly_map.amax(dim=(-3, -2, -1))
