@@ -12,6 +12,7 @@ Raw outputs: :func:`iter_raw_outputs` is the one road from a loader of raw image
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import resource
@@ -58,6 +59,13 @@ def partial_output(out: Path, force: bool) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     return tmp
+
+
+def finish_output(tmp: Path, out: Path, meta: dict) -> None:
+    """Write ``meta`` as ``<name>_meta.json`` into the partial folder, rename it to ``out`` and print ``meta``."""
+    (tmp / f"{out.name}_meta.json").write_text(json.dumps(meta, indent=1))
+    tmp.rename(out)
+    print(json.dumps(meta, indent=1))
 
 
 def mvtec_datamodule(root: str | Path, category: str, train_batch_size: int = 16, eval_batch_size: int = 32) -> Any:

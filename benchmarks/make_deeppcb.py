@@ -29,13 +29,12 @@ Command used for ``/work/data/deeppcb/deeppcb``::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import partial_output
+from common import finish_output, partial_output
 
 
 def read_pairs(list_file: Path) -> list[tuple[Path, Path]]:
@@ -124,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "seed": args.seed,
     }
-    (tmp / "deeppcb_meta.json").write_text(json.dumps(meta, indent=1))
-    tmp.rename(args.out)
-    print(json.dumps(meta, indent=1))
+    finish_output(tmp, args.out, meta)
     return 0
 
 

@@ -30,13 +30,12 @@ Command used for ``/work/data/kolektorsdd/kolektorsdd``::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import partial_output
+from common import finish_output, partial_output
 
 
 def read_polygons(label: Path, size: tuple[int, int]) -> list[list[tuple[float, float]]]:
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_fraction": args.train_fraction,
         "seed": args.seed,
     }
-    (tmp / "kolektorsdd_meta.json").write_text(json.dumps(meta, indent=1))
-    tmp.rename(args.out)
-    print(json.dumps(meta, indent=1))
+    finish_output(tmp, args.out, meta)
     return 0
 
 

@@ -31,13 +31,12 @@ Command used for ``/work/data/magnetic_tile/magnetic_tile``::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import partial_output
+from common import finish_output, partial_output
 
 NORMAL = "MT_Free"
 
@@ -108,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_fraction": args.train_fraction,
         "seed": args.seed,
     }
-    (tmp / "magnetic_tile_meta.json").write_text(json.dumps(meta, indent=1))
-    tmp.rename(args.out)
-    print(json.dumps(meta, indent=1))
+    finish_output(tmp, args.out, meta)
     return 0
 
 
