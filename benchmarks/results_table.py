@@ -7,15 +7,15 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/c3/results.jsonl \
-        --previous _local=docs/results/r12/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
+    python benchmarks/results_table.py --results docs/results/r12/results.jsonl \
+        --previous _combined=docs/results/c3/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
         --previous _k1=docs/results/results.jsonl --baselines docs/local_evidence/baselines.jsonl \
         --out docs/results/table.md
 
-``--previous SUFFIX=PATH``: the rows of an earlier default, shown as rows of their own (``_local``: the local
-image score, fine-tuned and frozen; ``_r7``: 7 × 7 regions; ``_k1``: no neighbourhood average either; only the
-frozen row of the latter two). Tables over held-out seeds follow for the default's runs and for the
-``--seeds-from`` runs.
+``--previous SUFFIX=PATH``: the rows of an option or an earlier default, shown as rows of their own
+(``_combined``: ``image_score: combined``, fine-tuned and frozen; ``_r7``: 7 × 7 regions; ``_k1``: no
+neighbourhood average either; only the frozen row of the latter two). Tables over held-out seeds follow for
+the default's runs and for the ``--seeds-from`` runs.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 SETS = ("elpv_mono", "elpv_poly", "bsdata", "magnetic_tile", "kolektorsdd", "deeppcb", "brick", "grass", "gravel")
-SEEDS_LABELS = {"_local": "earlier default: `image_score: local`", "_k1": "7 × 7 regions, `map_neighbourhood: 1`"}
+SEEDS_LABELS = {"_combined": "`image_score: combined`", "_k1": "7 × 7 regions, `map_neighbourhood: 1`"}
 BASELINES = ("padim", "patchcore", "dfm")
 LABELS = {
-    "gaussft_default": "**GaussFT default** (fine-tuned, combined score, 12 × 12 regional maps of 3 × 3 means)",
+    "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means, local score)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise the default)",
-    "gaussft_default_local": "GaussFT fine-tuned, `image_score: local` (default until now)",
-    "gaussft_default_frozen_local": "GaussFT frozen, `image_score: local`",
+    "gaussft_default_combined": "GaussFT fine-tuned, `image_score: combined` (option for unaligned surfaces)",
+    "gaussft_default_frozen_combined": "GaussFT frozen, `image_score: combined`",
     "gaussft_default_frozen_r7": "GaussFT frozen, local score, 7 × 7 regions (`map_regions: 7`)",
     "gaussft_default_frozen_k1": "GaussFT frozen, local score, 7 × 7 regions, no neighbourhood average",
     "gaussft_frozen": "GaussFT before #14 (frozen, shared maps, paper's pooled score)",
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         help="frozen rows of an earlier default, e.g. _r7=docs/results/k3/results.jsonl (repeatable)",
     )
     parser.add_argument("--baselines", type=Path, default=Path("docs/local_evidence/baselines.jsonl"))
-    parser.add_argument("--seeds-from", default="_local", help="the --previous SUFFIX whose seed tables follow")
+    parser.add_argument("--seeds-from", default="_combined", help="the --previous SUFFIX whose seed tables follow")
     parser.add_argument("--out", type=Path, default=Path("docs/results/table.md"))
     args = parser.parse_args(argv)
     rows = {**load_rows(args.baselines), **load_rows(args.results)}
@@ -148,18 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.previous:
         suffix, _, path = spec.partition("=")
         previous[suffix] = load_rows(Path(path))
-        kept = ("gaussft_default_frozen", "gaussft_default") if suffix == "_local" else ("gaussft_default_frozen",)
+        kept = ("gaussft_default_frozen", "gaussft_default")  # shown where LABELS names them
         rows.update({(f"{m}{suffix}", d): r for (m, d), r in previous[suffix].items() if m in kept})
     models = [m for m in LABELS if any((m, s) in rows for s in SETS)]
-    sets = [s for s in SETS if ("gaussft_default", s) in rows]
+    sets = [s for s in SETS if any((m, s) in rows for m in ("gaussft_default", "gaussft_default_frozen"))]
+
+    def ours(s: str) -> dict:
+        return rows.get(("gaussft_default", s)) or rows[("gaussft_default_frozen", s)]
+
+    pixel_sets = [s for s in sets if ours(s).get("pixel_auroc") is not None]
     lines = [
         "| model | "
         + " | ".join(f"{s} image" for s in sets)
         + " | "
-        + " | ".join(f"{s} pixel" for s in sets if rows[("gaussft_default", s)].get("pixel_auroc") is not None)
+        + " | ".join(f"{s} pixel" for s in pixel_sets)
         + " | statistics MiB | fit s (ELPV mono) |",
     ]
-    pixel_sets = [s for s in sets if rows[("gaussft_default", s)].get("pixel_auroc") is not None]
     lines.append("|---|" + "---:|" * (len(sets) + len(pixel_sets) + 2))
     best_image = {s: max(rows[(m, s)]["image_auroc"] for m in BASELINES if (m, s) in rows) for s in sets}
     for model in models:
@@ -188,17 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     for s in sets:
         best = max((m for m in BASELINES if (m, s) in rows), key=lambda m: rows[(m, s)]["image_auroc"])
         cells = []
-        for ours in ("gaussft_default", "gaussft_default_frozen"):
-            if (ours, s) not in rows:
+        for name in ("gaussft_default", "gaussft_default_frozen"):
+            if (name, s) not in rows:
                 cells.append("–")
                 continue
             labels, a, b = aligned_scores(
-                args.results.parent / "scores" / f"{ours}__{s}.npz",
+                args.results.parent / "scores" / f"{name}__{s}.npz",
                 args.baselines.parent / "scores" / f"{best}__{s}.npz",
             )
             diff, lo, hi = paired_bootstrap(labels, a, b)
             cells.append(f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] ({best})")
-        pixel = rows[("gaussft_default", s)].get("pixel_auroc")
+        pixel = rows.get(("gaussft_default", s), {}).get("pixel_auroc")
         pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
     lines += seed_tables(rows, sets, "the default")

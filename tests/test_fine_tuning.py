@@ -495,7 +495,7 @@ def test_forgetting_detection_ranks_by_the_models_image_score() -> None:
     z = lambda t: ((t.double() - normal_terms.mean(0)) / normal_terms.std(0)).sum(1)  # noqa: E731
     scores = torch.cat([z(normal_terms), *[z(a) for a in anomalies]]).numpy()
     labels = [0] * len(normal_terms) + [1] * (len(scores) - len(normal_terms))
-    assert normal_terms.shape[1] == 3  # the default "combined" score: pooled, layout and map terms
+    assert normal_terms.shape[1] == 2  # the default "local" score: layout and map terms
     assert actual["all"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)  # float32 AUROC vs float64
 
 

@@ -180,7 +180,7 @@ def test_too_few_images_fit_all_with_a_warning(tmp_path: Path, caplog: pytest.Lo
         engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
         engine.fit(model=model, datamodule=_datamodule(tmp_path / "data"))
     assert "Too few training images to hold out normals" in caplog.text
-    assert model.model.score_normalisation.mean.tolist() == [0.0, 0.0, 0.0]  # unnormalised sum of the 3 terms
+    assert model.model.score_normalisation.mean.tolist() == [0.0, 0.0]  # unnormalised sum of the 2 terms
     assert int(model.model.map_gaussians["3"].num_samples) > 0  # every image was fitted
     with torch.no_grad():
         assert torch.isfinite(model.model(torch.rand(2, 3, 64, 64)).pred_score).all()

@@ -242,15 +242,15 @@ def test_a_checkpoint_from_before_map_neighbourhood_is_read_with_no_neighbourhoo
         torch.testing.assert_close(current.eval().model(images).anomaly_map, legacy.model(images).anomaly_map)
 
 
-def test_a_checkpoint_with_the_previous_local_score_keeps_it() -> None:
-    """A model saved with ``image_score: local`` (2 z-scored terms) loads into today's default (3 terms) as local."""
-    old = _fitted(image_score="local")
-    old.model.score_normalisation.fit(torch.rand(5, 2) * torch.tensor([1.0, 10.0]))
+def test_a_checkpoint_with_the_combined_score_keeps_it() -> None:
+    """A model saved with ``image_score: combined`` (3 z-scored terms) loads into the default (2 terms) as combined."""
+    old = _fitted(image_score="combined")
+    old.model.score_normalisation.fit(torch.rand(5, 3) * torch.tensor([100.0, 1.0, 10.0]))
     checkpoint = {"state_dict": old.state_dict(), "hyper_parameters": dict(old.hparams)}
     current = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
-    assert current.model.score_normalisation.mean.shape == (3,)  # combined: pooled, layout, map top
+    assert current.model.score_normalisation.mean.shape == (2,)  # local: layout, map top
     current.on_load_checkpoint(checkpoint)
-    assert current.model.image_score.value == "local"
+    assert current.model.image_score.value == "combined"
     current.load_state_dict(checkpoint["state_dict"])
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

@@ -33,7 +33,7 @@ class ImageScore(str, Enum):
     GAUSSIAN_AD = "gaussian_ad"  # the paper's: Σ over levels of the pooled-feature Mahalanobis distance
     MAP_MAX = "map_max"  # maximum of the anomaly map
     LOCAL = "local"  # z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out normals
-    COMBINED = "combined"  # z(the paper's pooled score) + the two "local" terms, each z-scored on held-out normals
+    COMBINED = "combined"  # z(the paper's pooled score) + the two "local" terms: for unaligned surfaces
 
 
 class LossDistance(str, Enum):

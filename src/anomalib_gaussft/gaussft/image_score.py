@@ -2,10 +2,10 @@
 
 The paper's pooled score cannot see a defect that covers 0.2 % of the image; the mean of the anomaly map's top 1 %
 can, and the layout distance (the deepest map level pooled to a coarse grid, one joint Gaussian) sees a part
-that is out of place. ``"local"`` sums the layout and map terms; ``"combined"`` (the default) adds the paper's
+that is out of place. ``"local"`` (the default) sums the layout and map terms; ``"combined"`` adds the paper's
 pooled score, which is shift-invariant and carries unaligned surfaces where the layout term sees only
-nuisance (docs/local_evidence.md). The terms live on different scales, so each is z-scored with its mean and
-standard deviation on held-out normal images: no anomaly chooses a weight.
+nuisance, at a small cost on aligned parts (docs/local_evidence.md). The terms live on different scales, so
+each is z-scored with its mean and standard deviation on held-out normal images: no anomaly chooses a weight.
 """
 
 from __future__ import annotations

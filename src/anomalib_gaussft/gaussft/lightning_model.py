@@ -64,9 +64,9 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_regions: Regions per image side of ``"regional"`` map Gaussians.
         map_neighbourhood: Side of the neighbourhood over which each map position's features are averaged
             before its Gaussian (PatchCore's local aggregation); ``1`` = none.
-        image_score: ``"combined"``: z(the paper's pooled score) + z(layout distance) + z(mean of the map's top
-            1 %), each z-scored on held-out normals; ``"local"``: the last two terms only (aligned parts);
-            ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
+        image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
+            normals; ``"combined"``: z(the paper's pooled score) added to them (better on unaligned surfaces,
+            worse on aligned parts); ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
         sigma: Anomaly-map blur in pixels.
         fine_tune_epochs: Fine-tuning epochs; ``0`` gives the frozen Gaussian AD.
         learning_rate: Peak AdamW learning rate of the backbone.
@@ -113,7 +113,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_gaussian: hp.MapGaussianName = "regional",
         map_regions: hp.PositiveInt = 12,
         map_neighbourhood: hp.PositiveInt = 3,
-        image_score: hp.ImageScoreName = "combined",
+        image_score: hp.ImageScoreName = "local",
         sigma: hp.NonNegativeFloat = 4.0,
         fine_tune_epochs: hp.NonNegativeInt = 6,
         learning_rate: hp.PositiveFloat = 3e-4,

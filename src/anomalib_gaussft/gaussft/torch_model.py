@@ -66,7 +66,7 @@ class GaussFTModel(DynamicBufferMixin):
         map_gaussian: ``"regional"``, ``"shared"`` or ``"per_position"``.
         map_regions: Regions per side of the ``"regional"`` map Gaussians.
         map_neighbourhood: Side of the square neighbourhood averaged at each map position (1 = none).
-        image_score: ``"combined"``, ``"local"``, ``"gaussian_ad"`` or ``"map_max"``.
+        image_score: ``"local"``, ``"combined"``, ``"gaussian_ad"`` or ``"map_max"``.
         sigma: Blur of the anomaly map in pixels.
 
     """
@@ -82,7 +82,7 @@ class GaussFTModel(DynamicBufferMixin):
         map_gaussian: MapGaussian | str = MapGaussian.REGIONAL,
         map_regions: int = 12,
         map_neighbourhood: int = 3,
-        image_score: ImageScore | str = ImageScore.COMBINED,
+        image_score: ImageScore | str = ImageScore.LOCAL,
         sigma: float = 4.0,
     ) -> None:
         super().__init__()
