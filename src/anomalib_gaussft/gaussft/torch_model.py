@@ -366,9 +366,7 @@ class GaussFTModel(DynamicBufferMixin):
         "local": layout distance, mean of the map's top 1 %; "combined": the paper's pooled score before them.
         """
         if self.layout_gaussian is None:
-            msg = (
-                f"score_terms needs image_score='local' or 'combined' (this model has {self.image_score.value!r})."
-            )
+            msg = f"score_terms needs image_score='local' or 'combined' (this model has {self.image_score.value!r})."
             raise ValueError(msg)
         squared = self.layout_gaussian.squared_mahalanobis(layout_vector(features[self.layout_level]))
         terms = [torch.sqrt(squared.clamp_min(0)).squeeze(1), top_fraction_mean(anomaly_map)]
