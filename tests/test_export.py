@@ -280,6 +280,25 @@ def test_raw_torch_onnx_export_of_an_unfitted_model_fails(tmp_path: Path) -> Non
     assert any(isinstance(e, ModelNotFittedError) for e in chain)
 
 
+def test_combined_score_exports_to_onnx_with_the_same_scores(tmp_path: Path) -> None:
+    """``image_score: combined`` (pooled + layout + map terms) traces and matches the torch model's raw outputs."""
+    torch.manual_seed(0)
+    model = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64, image_score="combined").model.eval()
+    for _ in range(3):
+        model.update_statistics(torch.rand(8, 3, 64, 64))
+    model.fit()
+    with torch.no_grad():
+        features = model.extract(torch.rand(8, 3, 64, 64))
+        model.score_normalisation.fit(model.score_terms(features, model.anomaly_map(features, (64, 64))))
+        images = torch.rand(4, 3, 64, 64)
+        reference = model(images)
+    path = tmp_path / "combined.onnx"
+    torch.onnx.export(model, (images,), str(path), dynamo=True, **ONNX_KWARGS)
+    outputs = list(_run_onnx(path, images).values())
+    np.testing.assert_allclose(outputs[0].reshape(-1), reference.pred_score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outputs[-1], reference.anomaly_map.numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ---- deploy CLI -----------------------------------------------------------------------------------
 
 

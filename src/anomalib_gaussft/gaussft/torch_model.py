@@ -112,6 +112,7 @@ class GaussFTModel(DynamicBufferMixin):
         self.layout_gaussian = (
             StreamingGaussian(1, shapes[self.layout_level][0] * LAYOUT_GRID**2) if self.normalised_score else None
         )
+        # Unused by "gaussian_ad" / "map_max", which keep the 2-term buffers their checkpoints were saved with.
         self.score_normalisation = ScoreNormalisation(len(TERMS.get(self.image_score.value, TERMS["local"])))
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, image_size=self.image_size)
         self.register_buffer("is_fitted", torch.tensor(False))
