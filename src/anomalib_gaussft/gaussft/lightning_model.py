@@ -188,7 +188,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
     @property
     def normalising(self) -> bool:
         """Whether the image score's terms are z-scored on held-out normals (``"local"``, ``"combined"``)."""
-        return self.hparams.get("image_score") in {"local", "combined"}
+        return self.model.normalised_score
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-processor's transform (resize, normalise) of raw images; identity without one."""

@@ -361,10 +361,13 @@ class GaussFTModel(DynamicBufferMixin):
             return self.anomaly_map(features, image_size).amax(dim=(-3, -2, -1))[:, None]
         return self.pooled_image_score(features)[:, None]
 
-    def score_terms(self, features: Features, anomaly_map: torch.Tensor) -> torch.Tensor:
+    def score_terms(
+        self, features: Features, anomaly_map: torch.Tensor, level_distances: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw terms of a normalised image score, ``(N, T)`` in ``image_score.TERMS`` order.
 
-        "local": layout distance, mean of the map's top 1 %; "combined": the paper's pooled score before them.
+        "local": layout distance, mean of the map's top 1 %; "combined": the paper's pooled score before them
+        (from ``level_distances`` when the caller has them already).
         """
         if self.layout_gaussian is None:
             msg = f"score_terms needs image_score='local' or 'combined' (this model has {self.image_score.value!r})."
@@ -372,7 +375,8 @@ class GaussFTModel(DynamicBufferMixin):
         squared = self.layout_gaussian.squared_mahalanobis(layout_vector(features[self.layout_level]))
         terms = [torch.sqrt(squared.clamp_min(0)).squeeze(1), top_fraction_mean(anomaly_map)]
         if self.image_score == ImageScore.COMBINED:
-            terms.insert(0, self.pooled_image_score(features))
+            distances = self.level_distances(features) if level_distances is None else level_distances
+            terms.insert(0, distances.sum(dim=1))
         return torch.stack(terms, dim=1)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -395,7 +399,7 @@ class GaussFTModel(DynamicBufferMixin):
         """
         anomaly_map = self.anomaly_map(features, image_size)
         if self.normalised_score:
-            pred_score = self.score_normalisation(self.score_terms(features, anomaly_map))
+            pred_score = self.score_normalisation(self.score_terms(features, anomaly_map, level_distances))
         elif self.image_score == ImageScore.MAP_MAX:
             pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         else:
