@@ -8,7 +8,9 @@ the frozen features cached by ``local_evidence_features.py``:
 
 * ``mean``: the plain average of the two maps (``sqrt(d²/C)`` units, like the package's level average);
 * ``zsum`` / ``zmax``: each map z-scored with the mean and std of its pixels on the held-out normals, then
-  summed or maxed (a large defect fires the coarse map, a pit the fine one; the max keeps both).
+  summed or maxed (a large defect fires the coarse map, a pit the fine one; the max keeps both);
+* ``pzmax``: as ``zmax`` with a mean and std per pixel position (the held-out maps' own spatial pattern);
+* ``qmax{q}``: each map scaled to its held-out tail, ``(m - median) / (quantile_q - median)``, then maxed.
 
 Protocol as in ``local_evidence_study.py``: per seed a 20 % held-out share of the training normals gives every
 normalisation constant (Gaussians fitted on the other 80 %); test maps come from Gaussians refitted on all
@@ -54,6 +56,8 @@ FINE: dict[str, MapConfig] = {
     "r12": MapConfig(gaussian="region12"),  # today's grid without the neighbourhood average
     "r12_l3": MapConfig(levels=(3,), gaussian="region12"),  # its stride-8 level only: 7 % of the map statistics
     "r12_l34": MapConfig(levels=(3, 4), gaussian="region12"),
+    "r12_l2": MapConfig(levels=(2,), gaussian="region12"),  # stride 4: the finest cached level
+    "r12_l23": MapConfig(levels=(2, 3), gaussian="region12"),
 }
 COARSE: dict[str, MapConfig] = {
     "r12_k3": MapConfig(gaussian="region12", k=3),  # today's default map
@@ -65,6 +69,7 @@ COARSE: dict[str, MapConfig] = {
     "l567_k3": MapConfig(levels=(5, 6, 7), gaussian="region7", k=3),
 }
 SIGMA = 4.0
+TAIL_QUANTILES = (0.99, 0.999)  # qmax variants: maps scaled to their held-out tail before the per-pixel max
 SETS = "magnetic_tile,bsdata,kolektorsdd,deeppcb,brick,grass,gravel,elpv_mono,elpv_poly"
 
 
@@ -79,6 +84,22 @@ def maps_of(data, cfg: MapConfig, fit_idx: np.ndarray, held) -> tuple[torch.Tens
 def pixel_z(held_map: torch.Tensor, test_map: torch.Tensor) -> torch.Tensor:
     """The test map on the held-out normals' pixel scale."""
     return (test_map - held_map.mean()) / held_map.std().clamp_min(1e-12)
+
+
+def position_z(held_map: torch.Tensor, test_map: torch.Tensor) -> torch.Tensor:
+    """The test map z-scored per pixel position with the held-out normals' mean and std at that position."""
+    return (test_map - held_map.mean(0)) / held_map.std(0).clamp_min(1e-12)
+
+
+def pixel_tail(held_map: torch.Tensor, test_map: torch.Tensor, q: float) -> torch.Tensor:
+    """The test map on the held-out normals' upper tail: ``(m - median) / (quantile_q - median)``.
+
+    Aligns the maps' false-alarm levels instead of their bulk: a map with a heavier tail on normal pixels (a
+    noisier fine map on texture) is scaled down more, so the per-pixel max does not inflate normal pixels.
+    """
+    flat = held_map.flatten()[:: max(1, held_map.numel() // 4_000_000)].double()
+    median, tail = torch.quantile(flat, 0.5), torch.quantile(flat, q)
+    return ((test_map - median) / (tail - median).clamp_min(1e-12)).float()
 
 
 def evaluate(data, seed: int, coarse_names: list[str], fine: MapConfig) -> dict[str, dict[str, float]]:
@@ -108,6 +129,15 @@ def evaluate(data, seed: int, coarse_names: list[str], fine: MapConfig) -> dict[
         results[f"mean[fine+{name}]"] = row((fine_h + coarse_h) / 2, (fine_t + coarse_t) / 2)
         results[f"zsum[fine+{name}]"] = row(zf_h + zc_h, zf_t + zc_t)
         results[f"zmax[fine+{name}]"] = row(torch.maximum(zf_h, zc_h), torch.maximum(zf_t, zc_t))
+        pf_h, pf_t = position_z(fine_h, fine_h), position_z(fine_h, fine_t)
+        pc_h, pc_t = position_z(coarse_h, coarse_h), position_z(coarse_h, coarse_t)
+        results[f"pzmax[fine+{name}]"] = row(torch.maximum(pf_h, pc_h), torch.maximum(pf_t, pc_t))
+        for q in TAIL_QUANTILES:
+            tail_f_h, tail_f_t = pixel_tail(fine_h, fine_h, q), pixel_tail(fine_h, fine_t, q)
+            tail_c_h, tail_c_t = pixel_tail(coarse_h, coarse_h, q), pixel_tail(coarse_h, coarse_t, q)
+            results[f"qmax{q}[fine+{name}]"] = row(
+                torch.maximum(tail_f_h, tail_c_h), torch.maximum(tail_f_t, tail_c_t)
+            )
     return results
 
 

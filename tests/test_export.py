@@ -289,7 +289,7 @@ def test_combined_score_exports_to_onnx_with_the_same_scores(tmp_path: Path) -> 
     model.fit()
     with torch.no_grad():
         features = model.extract(torch.rand(8, 3, 64, 64))
-        model.score_normalisation.fit(model.score_terms(features, model.anomaly_map(features, (64, 64))))
+        model.score_normalisation.fit(model.score_terms(features, model.averaged_map(features, (64, 64))))
         images = torch.rand(4, 3, 64, 64)
         reference = model(images)
     path = tmp_path / "combined.onnx"
@@ -399,7 +399,7 @@ def test_infer_torch_export_needs_trust_remote_code(
 # ---- real weights: compression must not cost detection quality -----------------------------------
 
 
-def _image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(labels, scores))  # raw scores: torchmetrics would squash them with a sigmoid
@@ -407,7 +407,7 @@ def _image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 @pytest.mark.slow
 @pytest.mark.real_weights
-def test_fp16_and_int8_keep_the_image_auroc(real_weights: dict[str, str], tmp_path: Path) -> None:
+def test_fp16_and_int8_keep_the_auroc(real_weights: dict[str, str], tmp_path: Path) -> None:
     from data_generators import make_texture_dataset
 
     make_texture_dataset(
@@ -418,11 +418,13 @@ def test_fp16_and_int8_keep_the_image_auroc(real_weights: dict[str, str], tmp_pa
     engine = _engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     datamodule.setup()
-    images, labels = [], []
+    images, labels, masks = [], [], []
     for batch in datamodule.test_dataloader():
         images.append(batch.image)
         labels.append(batch.gt_label)
+        masks.append(batch.gt_mask)
     images_t, labels_np = torch.cat(images), torch.cat(labels).int().numpy()
+    masks_np = torch.cat(masks).numpy().reshape(-1) > 0
 
     paths = {
         name: engine.export(
@@ -434,16 +436,21 @@ def test_fp16_and_int8_keep_the_image_auroc(real_weights: dict[str, str], tmp_pa
     model.eval()
     with torch.no_grad():
         torch_scores = model(images_t).pred_score.numpy()
-    auroc = {"torch": _image_auroc(torch_scores, labels_np)}
+    auroc = {"torch": _auroc(torch_scores, labels_np)}
     maps = {}
     for name in ("fp32", "fp16", "int8"):
         outputs = _run_openvino(paths[name], images_t)
         scores, maps[name] = outputs["pred_score"].reshape(-1), outputs["anomaly_map"].reshape(-1)
         assert np.isfinite(scores).all(), name
-        auroc[name] = _image_auroc(scores, labels_np)
-    # The heatmaps survive compression too (a quantized blur convolution once returned all-zero INT8 maps).
+        auroc[name] = _auroc(scores, labels_np)
+    # The heatmaps survive compression too (a quantized blur convolution once returned all-zero INT8 maps): they
+    # follow the FP32 map and localise the defects as well. INT8 moves the fused map more than the averaged one
+    # (correlation 0.948 vs 0.966 here: the unaveraged detail map carries the backbone's quantization noise),
+    # while its pixel AUROC stays that of FP32 (0.990 vs 0.989).
+    pixel_fp32 = _auroc(maps["fp32"], masks_np)
     for name in ("fp16", "int8"):
-        assert np.corrcoef(maps[name], maps["fp32"])[0, 1] > 0.95, name
+        assert np.corrcoef(maps[name], maps["fp32"])[0, 1] > 0.9, name
+        assert abs(_auroc(maps[name], masks_np) - pixel_fp32) <= 0.01, name
     print("image AUROC:", {k: round(v, 4) for k, v in auroc.items()})
     assert auroc["fp32"] == pytest.approx(auroc["torch"], abs=1e-3)
     assert auroc["fp32"] > 0.8

@@ -272,3 +272,18 @@ def test_the_config_file_lists_every_option_with_its_default() -> None:
     for name, parameter in parameters.items():
         default = list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
         assert listed[name] == default, name
+
+
+def test_a_checkpoint_from_before_map_detail_levels_is_read_without_a_fused_map() -> None:
+    """Checkpoints written before the option existed have no detail Gaussians: their map is the averaged one."""
+    legacy = _fitted(map_detail_levels=[])
+    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k != "map_detail_levels"}
+    checkpoint = {"state_dict": legacy.state_dict(), "hyper_parameters": hyper_parameters}
+    current = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    assert current.model.fuses_maps
+    current.on_load_checkpoint(checkpoint)
+    assert not current.model.fuses_maps
+    current.load_state_dict(checkpoint["state_dict"])  # strict: no detail Gaussians or fusion constants expected
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(current.eval().model(images).anomaly_map, legacy.model(images).anomaly_map)

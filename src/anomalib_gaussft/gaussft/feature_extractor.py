@@ -161,12 +161,12 @@ class MultiLevelFeatureExtractor(nn.Module):
         self.num_levels = len(self.model.blocks) + 2 if self.is_efficientnet else len(self.model.feature_info)
         self.all_levels = list(range(self.num_levels))
 
-    def validate_levels(self, levels: Sequence[int] | None, parameter: str) -> list[int]:
+    def validate_levels(self, levels: Sequence[int] | None, parameter: str, allow_empty: bool = False) -> list[int]:
         """Check level indices against the backbone and return them sorted and unique (``None``: all)."""
         if levels is None:
             return list(self.all_levels)
         levels = list(levels)
-        if not levels:
+        if not levels and not allow_empty:
             msg = f"'{parameter}' must name at least one level."
             raise ValueError(msg)
         bad = [lvl for lvl in levels if not isinstance(lvl, int) or not 0 <= lvl < self.num_levels]

@@ -10,8 +10,9 @@ from anomalib.data import Batch
 
 from .calibration import CalibratedPostProcessor, check_achievable_rate
 from .held_out import HeldOutSplit
+from .held_out_normalisation import normalise_on_held_out
 from .hyperparameters import ImageScore
-from .image_score import UNNORMALISED_WARNING, normalise_on_held_out
+from .image_score import UNNORMALISED_WARNING
 
 if TYPE_CHECKING:
     from .lightning_model import GaussFT

@@ -69,10 +69,18 @@ LrScheduleName = Literal["warmup_cosine", "constant"]
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 # Options of the torch model that fix what its statistics mean (with the backbone and input size, below).
-STATISTICS_KEYS = ("levels", "map_levels", "map_gaussian", "map_regions", "map_neighbourhood", "image_score")
+STATISTICS_KEYS = (
+    "levels",
+    "map_levels",
+    "map_gaussian",
+    "map_regions",
+    "map_neighbourhood",
+    "map_detail_levels",
+    "image_score",
+)
 ARCHITECTURE_KEYS = ("backbone", "image_size", *STATISTICS_KEYS)
 # Architecture keys added after checkpoints were first written: the value every older checkpoint was made with.
-ARCHITECTURE_LEGACY = {"map_neighbourhood": 1}
+ARCHITECTURE_LEGACY = {"map_neighbourhood": 1, "map_detail_levels": []}
 
 DEFAULT_INPUT = ((224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet defaults
 

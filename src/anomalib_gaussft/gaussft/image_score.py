@@ -10,26 +10,19 @@ each is z-scored with its mean and standard deviation on held-out normal images:
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .torch_model import GaussFTModel
-
-logger = logging.getLogger(__name__)
 
 TOP_FRACTION = 0.01  # share of the anomaly map's pixels whose mean is the map term
 # The z-scored terms of each normalised image score, in the order ``GaussFTModel.score_terms`` returns them.
 TERMS = {"local": ("layout", "map_top"), "combined": ("pooled", "layout", "map_top")}
 MIN_NORMALISATION_IMAGES = 2
 UNNORMALISED_WARNING = (
-    "Too few training images to hold out normals for the image-score normalisation: all are fitted and the "
-    "score's terms are summed unnormalised. Add normal images (≥ 20 advised) or set image_score='gaussian_ad'."
+    "Too few training images to hold out normals for the normalisation of the image score and the map fusion: "
+    "all are fitted, the score's terms are summed unnormalised and the fused map is the max of the raw maps. Add "
+    "normal images (≥ 20 advised), or set image_score='gaussian_ad' and map_detail_levels=[]."
 )
 
 
@@ -64,35 +57,3 @@ class ScoreNormalisation(nn.Module):
     def forward(self, terms: torch.Tensor) -> torch.Tensor:
         """``(N, n_terms)`` → ``(N,)`` sum of the z-scored terms."""
         return ((terms - self.mean) / self.std).sum(dim=1)
-
-
-@torch.no_grad()
-def normalise_on_held_out(
-    model: GaussFTModel,
-    loader: Iterable[Any],
-    transform: Callable[[torch.Tensor], torch.Tensor] | None,
-    refit: bool,
-) -> None:
-    """Fix the score normalisation from the held-out normals; with ``refit``, then refit on every image.
-
-    ``model`` must be fitted with its accumulated statistics kept (``fit(keep_statistics=True)``) when ``refit``:
-    the held-out images' moments are added to them and all Gaussians are fitted again, so no image is wasted.
-    """
-    terms = []
-    for item in model.iter_features(loader, transform):
-        anomaly_map = model.anomaly_map(item.features, item.images.shape[-2:])
-        terms.append(model.score_terms(item.features, anomaly_map))
-        if refit:
-            model.accumulate(item.features)
-    terms = torch.cat(terms)
-    model.score_normalisation.fit(terms)
-    normalisation = model.score_normalisation
-    names = TERMS[model.image_score.value]
-    summary = zip(names, normalisation.mean.tolist(), normalisation.std.tolist(), strict=True)
-    logger.info(
-        "Image-score normalisation from %d held-out normals: %s.",
-        len(terms),
-        ", ".join(f"{name} {mean:.3g} ± {std:.3g}" for name, mean, std in summary),
-    )
-    if refit:
-        model.fit()

@@ -64,6 +64,10 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_regions: Regions per image side of ``"regional"`` map Gaussians.
         map_neighbourhood: Side of the neighbourhood over which each map position's features are averaged
             before its Gaussian (PatchCore's local aggregation); ``1`` = none.
+        map_detail_levels: Levels whose unaveraged map is fused into the anomaly map: per pixel, the max of the
+            averaged and the detail map, each scaled to its held-out normals' median and 99th percentile (keeps
+            defects one feature position wide that the average dilutes). ``None``: the finest map level when
+            ``map_neighbourhood > 1``; ``[]``: no fusion. The image score reads the averaged map either way.
         image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
             normals; ``"combined"``: z(the paper's pooled score) added to them (better on unaligned surfaces,
             worse on aligned parts); ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
@@ -113,6 +117,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_gaussian: hp.MapGaussianName = "regional",
         map_regions: hp.PositiveInt = 12,
         map_neighbourhood: hp.PositiveInt = 3,
+        map_detail_levels: Sequence[hp.NonNegativeInt] | None = None,
         image_score: hp.ImageScoreName = "local",
         sigma: hp.NonNegativeFloat = 4.0,
         fine_tune_epochs: hp.NonNegativeInt = 6,
@@ -187,8 +192,8 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
 
     @property
     def normalising(self) -> bool:
-        """Whether the image score's terms are z-scored on held-out normals (``"local"``, ``"combined"``)."""
-        return self.model.normalised_score
+        """Whether held-out normals fix the image score's z-scores (``"local"``, ``"combined"``) or the map fusion."""
+        return self.model.normalised_on_held_out
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-processor's transform (resize, normalise) of raw images; identity without one."""
@@ -311,9 +316,10 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         if self.trainer.world_size > 1:
             all_reduce_statistics(self.model.gaussians(), self.trainer.strategy, self.device)
         logger.info(
-            "Fitting the Gaussians: %d image-score levels, %d map levels.",
+            "Fitting the Gaussians: %d image-score levels, %d map levels, %d detail-map levels.",
             len(self.model.levels),
             len(self.model.map_levels),
+            len(self.model.map_detail_levels),
         )
         self.model.fit(keep_statistics=self.refitting)
         self.finish_held_out()

@@ -20,6 +20,7 @@ from .hyperparameters import ImageScore, LossFeatures, MapGaussian
 from .image_score import TERMS, ScoreNormalisation, top_fraction_mean
 from .input_checks import non_finite_features_error
 from .loss import LossSamples
+from .map_fusion import MapFusion
 from .regions import region_grid, region_index
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ def default_map_levels(extractor: MultiLevelFeatureExtractor) -> list[int]:
     return [lvl for lvl in (1, 2, 3) if lvl < extractor.num_levels]
 
 
+def default_detail_levels(map_levels: Sequence[int], map_neighbourhood: int) -> list[int]:
+    """Detail-map levels: the finest map level when the map is neighbourhood-averaged, else none (nothing to add)."""
+    return [min(map_levels)] if map_neighbourhood > 1 else []
+
+
 def check_finite(features: Features, paths: Sequence[Any] | None, images: torch.Tensor) -> None:
     """Raise an error naming the images (or blaming the backbone) when features hold NaN/Inf."""
     if not all(torch.isfinite(f).all() for f in features.values()):
@@ -66,6 +72,8 @@ class GaussFTModel(DynamicBufferMixin):
         map_gaussian: ``"regional"``, ``"shared"`` or ``"per_position"``.
         map_regions: Regions per side of the ``"regional"`` map Gaussians.
         map_neighbourhood: Side of the square neighbourhood averaged at each map position (1 = none).
+        map_detail_levels: Levels whose unaveraged map is fused into the anomaly map (per-pixel max on the
+            held-out normals' scale); ``None``: the finest map level when ``map_neighbourhood > 1``; ``[]``: none.
         image_score: ``"local"``, ``"combined"``, ``"gaussian_ad"`` or ``"map_max"``.
         sigma: Blur of the anomaly map in pixels.
 
@@ -82,6 +90,7 @@ class GaussFTModel(DynamicBufferMixin):
         map_gaussian: MapGaussian | str = MapGaussian.REGIONAL,
         map_regions: int = 12,
         map_neighbourhood: int = 3,
+        map_detail_levels: Sequence[int] | None = None,
         image_score: ImageScore | str = ImageScore.LOCAL,
         sigma: float = 4.0,
     ) -> None:
@@ -95,17 +104,27 @@ class GaussFTModel(DynamicBufferMixin):
         self.map_gaussian = MapGaussian(map_gaussian)
         self.map_regions = map_regions
         self.map_neighbourhood = map_neighbourhood
+        if map_detail_levels is None:
+            map_detail_levels = default_detail_levels(self.map_levels, map_neighbourhood)
+        self.map_detail_levels = self.feature_extractor.validate_levels(
+            map_detail_levels, "map_detail_levels", allow_empty=True
+        )
         self.image_score = ImageScore(image_score)
         self.image_size = tuple(image_size)
-        self.used_levels = sorted(set(self.levels) | set(self.map_levels))
+        self.used_levels = sorted(set(self.levels) | set(self.map_levels) | set(self.map_detail_levels))
         self._check_image_size(backbone)
         shapes = self.feature_extractor.level_shapes(self.image_size)
         self.level_dims = {lvl: shapes[lvl][0] for lvl in self.feature_extractor.all_levels}
-        self.map_sizes = {lvl: shapes[lvl][1:] for lvl in self.map_levels}
+        self.map_sizes = {lvl: shapes[lvl][1:] for lvl in {*self.map_levels, *self.map_detail_levels}}
         self.image_gaussians = nn.ModuleDict({str(lvl): StreamingGaussian(1, shapes[lvl][0]) for lvl in self.levels})
         self.map_gaussians = nn.ModuleDict(
             {str(lvl): StreamingGaussian(self._map_groups(lvl), shapes[lvl][0]) for lvl in self.map_levels}
         )
+        # Unaveraged maps of the detail levels, fused with the averaged map (per-pixel max on a common scale).
+        self.detail_gaussians = nn.ModuleDict(
+            {str(lvl): StreamingGaussian(self._map_groups(lvl), shapes[lvl][0]) for lvl in self.map_detail_levels}
+        )
+        self.map_fusion = MapFusion() if self.map_detail_levels else None  # absent from checkpoints without fusion
         # Layout term of the "local" and "combined" image scores: the deepest map level pooled to 3 × 3, one
         # joint Gaussian.
         self.layout_level = max(self.map_levels)
@@ -166,9 +185,9 @@ class GaussFTModel(DynamicBufferMixin):
         return region_index(height, width, grid, device)
 
     def gaussians(self) -> list[StreamingGaussian]:
-        """All Gaussians of the model (image level, map level, then the layout Gaussian)."""
+        """All Gaussians of the model (image level, map level, detail map, then the layout Gaussian)."""
         layout = [self.layout_gaussian] if self.layout_gaussian is not None else []
-        return [*self.image_gaussians.values(), *self.map_gaussians.values(), *layout]
+        return [*self.image_gaussians.values(), *self.map_gaussians.values(), *self.detail_gaussians.values(), *layout]
 
     # ---- features --------------------------------------------------------------------------------
     pooled = staticmethod(pooled)
@@ -200,13 +219,16 @@ class GaussFTModel(DynamicBufferMixin):
             check_finite(features, getattr(batch, "image_path", None), images)
             yield FeatureBatch(batch, images, features)
 
-    def _map_samples(self, level: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _map_samples(
+        self, level: int, features: torch.Tensor, detail: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(N, C, h, w)`` → samples for the level's map Gaussian and the group of each slot (regional).
 
         Each position first takes the mean of its ``map_neighbourhood`` × ``map_neighbourhood`` neighbourhood
-        (PatchCore's local aggregation; at the border, of the positions inside the map).
+        (PatchCore's local aggregation; at the border, of the positions inside the map); not for a ``detail`` map.
         """
-        features = neighbourhood_average(features, self.map_neighbourhood)
+        if not detail:
+            features = neighbourhood_average(features, self.map_neighbourhood)
         n, c, h, w = features.shape
         if self.map_gaussian == MapGaussian.SHARED:
             return features.permute(0, 2, 3, 1).reshape(n * h * w, 1, c), None
@@ -259,9 +281,10 @@ class GaussFTModel(DynamicBufferMixin):
         for lvl, gaussian in self.image_gaussians.items():
             gaussian.update(pooled(features[int(lvl)]))
         if not image_only:
-            for lvl, gaussian in self.map_gaussians.items():
-                samples, index = self._map_samples(int(lvl), features[int(lvl)])
-                gaussian.update(samples, group_index=index)
+            for detail, gaussians in ((False, self.map_gaussians), (True, self.detail_gaussians)):
+                for lvl, gaussian in gaussians.items():
+                    samples, index = self._map_samples(int(lvl), features[int(lvl)], detail)
+                    gaussian.update(samples, group_index=index)
             if self.layout_gaussian is not None:
                 self.layout_gaussian.update(layout_vector(features[self.layout_level]))
 
@@ -333,36 +356,62 @@ class GaussFTModel(DynamicBufferMixin):
         """The paper's image score: Σ over levels of the pooled-feature Mahalanobis distance, ``(N,)``."""
         return self.level_distances(features).sum(dim=1)
 
-    def level_maps(self, features: Features) -> list[torch.Tensor]:
-        """Per-level maps ``sqrt(d² / C)`` of shape ``(N, 1, h, w)``."""
+    def level_maps(self, features: Features, detail: bool = False) -> list[torch.Tensor]:
+        """Per-level maps ``sqrt(d² / C)`` of shape ``(N, 1, h, w)`` (of the detail levels with ``detail``)."""
         maps = []
-        for lvl, gaussian in self.map_gaussians.items():
+        for lvl, gaussian in (self.detail_gaussians if detail else self.map_gaussians).items():
             feats = features[int(lvl)]
             n, c, h, w = feats.shape
-            samples, index = self._map_samples(int(lvl), feats)
+            samples, index = self._map_samples(int(lvl), feats, detail)
             squared = gaussian.squared_mahalanobis(samples, group_index=index)
             maps.append(torch.sqrt(squared.clamp_min(0) / c).reshape(n, 1, h, w))
         return maps
 
-    def anomaly_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
-        """The anomaly map ``(N, 1, H, W)`` at ``image_size``."""
+    @property
+    def fuses_maps(self) -> bool:
+        """Whether the anomaly map fuses the averaged map with a detail map (``map_detail_levels`` not empty)."""
+        return self.map_fusion is not None
+
+    def averaged_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """The map of the neighbourhood-averaged map levels ``(N, 1, H, W)``: what the image score reads."""
         return self.anomaly_map_generator(self.level_maps(features), image_size)
+
+    def detail_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """The map of the unaveraged detail levels ``(N, 1, H, W)``."""
+        return self.anomaly_map_generator(self.level_maps(features, detail=True), image_size)
+
+    def anomaly_map(
+        self, features: Features, image_size: tuple[int, int] | torch.Size, averaged: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The output anomaly map ``(N, 1, H, W)``: the averaged map, fused with the detail map when there is one.
+
+        ``averaged``: :meth:`averaged_map` of the same features, when the caller has it already.
+        """
+        averaged = self.averaged_map(features, image_size) if averaged is None else averaged
+        if self.map_fusion is None:
+            return averaged
+        return self.map_fusion(averaged, self.detail_map(features, image_size))
 
     @property
     def normalised_score(self) -> bool:
         """Whether the image score is a sum of terms z-scored on held-out normals ("local", "combined")."""
         return self.image_score in (ImageScore.LOCAL, ImageScore.COMBINED)
 
+    @property
+    def normalised_on_held_out(self) -> bool:
+        """Whether held-out normals fix constants of the score or the map (normalised score, fused map)."""
+        return self.normalised_score or self.fuses_maps
+
     def raw_score_terms(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
         """``(N, T)`` raw terms of the image score (``T = 1`` unless normalised): what forgetting detection ranks."""
         if self.normalised_score:
-            return self.score_terms(features, self.anomaly_map(features, image_size))
+            return self.score_terms(features, self.averaged_map(features, image_size))
         if self.image_score == ImageScore.MAP_MAX:
-            return self.anomaly_map(features, image_size).amax(dim=(-3, -2, -1))[:, None]
+            return self.averaged_map(features, image_size).amax(dim=(-3, -2, -1))[:, None]
         return self.pooled_image_score(features)[:, None]
 
     def score_terms(
-        self, features: Features, anomaly_map: torch.Tensor, level_distances: torch.Tensor | None = None
+        self, features: Features, averaged_map: torch.Tensor, level_distances: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Raw terms of a normalised image score, ``(N, T)`` in ``image_score.TERMS`` order.
 
@@ -373,7 +422,7 @@ class GaussFTModel(DynamicBufferMixin):
             msg = f"score_terms needs image_score='local' or 'combined' (this model has {self.image_score.value!r})."
             raise ValueError(msg)
         squared = self.layout_gaussian.squared_mahalanobis(layout_vector(features[self.layout_level]))
-        terms = [torch.sqrt(squared.clamp_min(0)).squeeze(1), top_fraction_mean(anomaly_map)]
+        terms = [torch.sqrt(squared.clamp_min(0)).squeeze(1), top_fraction_mean(averaged_map)]
         if self.image_score == ImageScore.COMBINED:
             distances = self.level_distances(features) if level_distances is None else level_distances
             terms.insert(0, distances.sum(dim=1))
@@ -397,11 +446,12 @@ class GaussFTModel(DynamicBufferMixin):
 
         ``level_distances``: :meth:`level_distances` of the same features, when the caller has them already.
         """
-        anomaly_map = self.anomaly_map(features, image_size)
-        if self.normalised_score:
-            pred_score = self.score_normalisation(self.score_terms(features, anomaly_map, level_distances))
+        averaged = self.averaged_map(features, image_size)
+        anomaly_map = self.anomaly_map(features, image_size, averaged)
+        if self.normalised_score:  # the image score reads the averaged map (the fused one costs it, measured)
+            pred_score = self.score_normalisation(self.score_terms(features, averaged, level_distances))
         elif self.image_score == ImageScore.MAP_MAX:
-            pred_score = anomaly_map.amax(dim=(-3, -2, -1))
+            pred_score = averaged.amax(dim=(-3, -2, -1))
         else:
             distances = self.level_distances(features) if level_distances is None else level_distances
             pred_score = distances.sum(dim=1)

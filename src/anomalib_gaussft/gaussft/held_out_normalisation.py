@@ -1,0 +1,62 @@
+"""Constants fixed on held-out normals after the fit: the image score's z-scores and the fused map's scales."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .image_score import TERMS
+from .map_fusion import MAP_NAMES, TAIL_QUANTILE
+
+if TYPE_CHECKING:
+    from .torch_model import GaussFTModel
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def normalise_on_held_out(
+    model: GaussFTModel,
+    loader: Iterable[Any],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    refit: bool,
+) -> None:
+    """Fix the score normalisation and the map fusion from the held-out normals; with ``refit``, then refit.
+
+    ``model`` must be fitted with its accumulated statistics kept (``fit(keep_statistics=True)``) when ``refit``:
+    the held-out images' moments are added to them and all Gaussians are fitted again, so no image is wasted.
+    """
+    terms = []
+    fusion = model.map_fusion
+    if fusion is not None:
+        fusion.reset()
+    for item in model.iter_features(loader, transform):
+        averaged = model.averaged_map(item.features, item.images.shape[-2:])
+        if model.normalised_score:
+            terms.append(model.score_terms(item.features, averaged))
+        if fusion is not None:
+            fusion.update(averaged, model.detail_map(item.features, item.images.shape[-2:]))
+        if refit:
+            model.accumulate(item.features)
+    if model.normalised_score:
+        _fit_score_normalisation(model, torch.cat(terms))
+    if fusion is not None:
+        fusion.fit()
+        scales = ", ".join(
+            f"{name} median {median:.3g}, scale {scale:.3g}"
+            for name, median, scale in zip(MAP_NAMES, fusion.median.tolist(), fusion.scale.tolist(), strict=True)
+        )
+        logger.info("Map fusion from held-out normals (scale = q%g - median): %s.", 100 * TAIL_QUANTILE, scales)
+    if refit:
+        model.fit()
+
+
+def _fit_score_normalisation(model: GaussFTModel, terms: torch.Tensor) -> None:
+    model.score_normalisation.fit(terms)
+    normalisation = model.score_normalisation
+    summary = zip(TERMS[model.image_score.value], normalisation.mean.tolist(), normalisation.std.tolist(), strict=True)
+    described = ", ".join(f"{name} {mean:.3g} ± {std:.3g}" for name, mean, std in summary)
+    logger.info("Image-score normalisation from %d held-out normals: %s.", len(terms), described)
