@@ -135,9 +135,7 @@ def evaluate(data, seed: int, coarse_names: list[str], fine: MapConfig) -> dict[
         for q in TAIL_QUANTILES:
             tail_f_h, tail_f_t = pixel_tail(fine_h, fine_h, q), pixel_tail(fine_h, fine_t, q)
             tail_c_h, tail_c_t = pixel_tail(coarse_h, coarse_h, q), pixel_tail(coarse_h, coarse_t, q)
-            results[f"qmax{q}[fine+{name}]"] = row(
-                torch.maximum(tail_f_h, tail_c_h), torch.maximum(tail_f_t, tail_c_t)
-            )
+            results[f"qmax{q}[fine+{name}]"] = row(torch.maximum(tail_f_h, tail_c_h), torch.maximum(tail_f_t, tail_c_t))
     return results
 
 
