@@ -73,11 +73,13 @@ TAIL_QUANTILES = (0.99, 0.999)  # qmax variants: maps scaled to their held-out t
 SETS = "magnetic_tile,bsdata,kolektorsdd,deeppcb,brick,grass,gravel,elpv_mono,elpv_poly"
 
 
-def maps_of(data, cfg: MapConfig, fit_idx: np.ndarray, held) -> tuple[torch.Tensor, torch.Tensor]:
+def maps_of(
+    data, cfg: MapConfig, fit_idx: np.ndarray, held, sigma: float = SIGMA
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-out maps from the 80 % fit, test maps from the refit on all training images), 224 px, blurred."""
-    held_map = full_map(unit_maps(held, cfg, fit_units(data.train, fit_idx, cfg)), SIGMA)
+    held_map = full_map(unit_maps(held, cfg, fit_units(data.train, fit_idx, cfg)), sigma)
     all_idx = np.arange(len(data.train))
-    test_map = full_map(unit_maps(data.test, cfg, fit_units(data.train, all_idx, cfg)), SIGMA)
+    test_map = full_map(unit_maps(data.test, cfg, fit_units(data.train, all_idx, cfg)), sigma)
     return held_map, test_map
 
 
@@ -102,7 +104,9 @@ def pixel_tail(held_map: torch.Tensor, test_map: torch.Tensor, q: float) -> torc
     return ((test_map - median) / (tail - median).clamp_min(1e-12)).float()
 
 
-def evaluate(data, seed: int, coarse_names: list[str], fine: MapConfig) -> dict[str, dict[str, float]]:
+def evaluate(
+    data, seed: int, coarse_names: list[str], fine: MapConfig, fine_sigma: float = SIGMA
+) -> dict[str, dict[str, float]]:
     fit_idx, held_idx = held_out_split(len(data.train), 0.2, seed)
     held = data.train.take(held_idx)
     all_idx = np.arange(len(data.train))
@@ -119,7 +123,7 @@ def evaluate(data, seed: int, coarse_names: list[str], fine: MapConfig) -> dict[
             out["pixel_auroc"] = auroc(masks, map_t.numpy())
         return out
 
-    fine_h, fine_t = maps_of(data, fine, fit_idx, held)
+    fine_h, fine_t = maps_of(data, fine, fit_idx, held, fine_sigma)
     results = {"fine": row(fine_h, fine_t)}
     zf_h, zf_t = pixel_z(fine_h, fine_h), pixel_z(fine_h, fine_t)
     for name in coarse_names:
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--coarse", default="k3,k5,l6,l3456_k3,l567_k3")
     parser.add_argument("--fine", default="r7", choices=sorted(FINE), help="the fine map (r7: the first study's)")
+    parser.add_argument("--fine-sigma", type=float, default=SIGMA, help="blur of the fine map (px)")
     parser.add_argument("--cache", type=Path, default=Path("/work/data/cache/local_evidence"))
     parser.add_argument("--out", type=Path, default=Path("docs/local_evidence/multiscale"))
     parser.add_argument("--summary", type=Path, default=None, help="write FOLDER/summary.md from its runs and stop")
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_set(args.cache, name)
         for seed in (int(s) for s in args.seeds.split(",")):
             start = time.perf_counter()
-            results = evaluate(data, seed, args.coarse.split(","), FINE[args.fine])
+            results = evaluate(data, seed, args.coarse.split(","), FINE[args.fine], args.fine_sigma)
             (args.out / f"{name}_seed{seed}.json").write_text(json.dumps(results, indent=1))
             print(f"{name} seed {seed} ({time.perf_counter() - start:.0f} s)", flush=True)
             for variant, metrics in results.items():

@@ -7,14 +7,15 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/r12/results.jsonl \
-        --previous _combined=docs/results/c3/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
-        --previous _k1=docs/results/results.jsonl --baselines docs/local_evidence/baselines.jsonl \
-        --out docs/results/table.md
+    python benchmarks/results_table.py --results docs/results/r13/results.jsonl \
+        --previous _avg=docs/results/r12/results.jsonl --previous _combined=docs/results/c3/results.jsonl \
+        --previous _r7=docs/results/k3/results.jsonl --previous _k1=docs/results/results.jsonl \
+        --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
 
 ``--previous SUFFIX=PATH``: the rows of an option or an earlier default, shown as rows of their own
-(``_combined``: ``image_score: combined``, fine-tuned and frozen; ``_r7``: 7 × 7 regions; ``_k1``: no
-neighbourhood average either; only the frozen row of the latter two). Tables over held-out seeds follow for
+(``_avg``: the averaged heatmap without the detail map, ``map_detail_levels: []``; ``_combined``:
+``image_score: combined``, fine-tuned and frozen, run with the averaged heatmap; ``_r7``: 7 × 7 regions; ``_k1``:
+no neighbourhood average either; only the frozen row of the latter two). Tables over held-out seeds follow for
 the default's runs and for the ``--seeds-from`` runs.
 """
 
@@ -31,10 +32,14 @@ SETS = ("elpv_mono", "elpv_poly", "bsdata", "magnetic_tile", "kolektorsdd", "dee
 SEEDS_LABELS = {"_combined": "`image_score: combined`", "_k1": "7 × 7 regions, `map_neighbourhood: 1`"}
 BASELINES = ("padim", "patchcore", "dfm")
 LABELS = {
-    "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means, local score)",
+    "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
+    "unaveraged stride-8 map, local score)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise the default)",
-    "gaussft_default_combined": "GaussFT fine-tuned, `image_score: combined` (option for unaligned surfaces)",
-    "gaussft_default_frozen_combined": "GaussFT frozen, `image_score: combined`",
+    "gaussft_default_avg": "GaussFT fine-tuned, averaged heatmap only (`map_detail_levels: []`, the default before)",
+    "gaussft_default_frozen_avg": "GaussFT frozen, averaged heatmap only (`map_detail_levels: []`)",
+    "gaussft_default_combined": "GaussFT fine-tuned, `image_score: combined` (option for unaligned surfaces; "
+    "averaged heatmap)",
+    "gaussft_default_frozen_combined": "GaussFT frozen, `image_score: combined` (averaged heatmap)",
     "gaussft_default_frozen_r7": "GaussFT frozen, local score, 7 × 7 regions (`map_regions: 7`)",
     "gaussft_default_frozen_k1": "GaussFT frozen, local score, 7 × 7 regions, no neighbourhood average",
     "gaussft_frozen": "GaussFT before #14 (frozen, shared maps, paper's pooled score)",

@@ -63,14 +63,17 @@ def test_detail_levels_default_to_the_finest_map_level_of_an_averaged_map() -> N
     off = GaussFT(**KWARGS, map_detail_levels=[]).model
     assert not off.fuses_maps
     assert not any(key.startswith(("map_fusion", "detail_gaussians")) for key in off.state_dict())
+    with pytest.raises(ValueError, match="no detail map"):
+        off.detail_map({}, (64, 64))
     with pytest.raises(ValueError, match="'map_detail_levels' has invalid level"):
         GaussFT(**KWARGS, map_detail_levels=[42])
 
 
 def test_detail_map_is_the_unaveraged_map_of_its_level_and_the_output_fuses_it() -> None:
-    """Reference: a model whose only map level is the detail level, without the neighbourhood average."""
+    """Reference: a model whose only map level is the detail level, without the neighbourhood average, half the blur."""
     model = GaussFT(**KWARGS, map_detail_levels=[4]).model.eval()
-    reference = GaussFT(**KWARGS, map_levels=[4], map_neighbourhood=1).model.eval()
+    assert model.anomaly_map_generator.sigma == 4.0
+    reference = GaussFT(**KWARGS, map_levels=[4], map_neighbourhood=1, sigma=2.0).model.eval()
     assert not reference.fuses_maps
     reference.feature_extractor.load_state_dict(model.feature_extractor.state_dict())  # the same random backbone
     train, held_out, test = torch.rand(24, 3, 64, 64), torch.rand(6, 3, 64, 64), torch.rand(3, 3, 64, 64)

@@ -105,3 +105,17 @@ PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l
     --datasets deeppcb,kolektorsdd,magnetic_tile,bsdata,brick,grass,gravel,elpv_mono,elpv_poly --out docs/local_evidence/multiscale12_l3
 python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale12
 python benchmarks/multiscale_map_study.py --summary docs/local_evidence/multiscale12_l3
+
+# 14. The fused heatmap (map_detail_levels): how to fuse, then end to end with the package (frozen and default)
+PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 --seeds 0,1,2 \
+    --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel --out docs/local_evidence/fusion_l3
+for fine in l2 l23; do
+    PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_$fine --coarse r12_k3 --seeds 0 \
+        --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel --out docs/local_evidence/fusion_$fine
+done
+for d in fusion_l3 fusion_l2 fusion_l23; do python benchmarks/multiscale_map_study.py --summary docs/local_evidence/$d; done
+python benchmarks/local_evidence_baselines.py --out docs/results/r13 --results-file r13_frozen.jsonl \
+    --models gaussft_default_frozen --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel,elpv_mono \
+    --variants '{"gaussft_default_frozen": {"fine_tune_epochs": 0}}'
+python benchmarks/local_evidence_baselines.py --out docs/results/r13 --results-file r13_ft.jsonl --models gaussft_default \
+    --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel --variants '{"gaussft_default": {}}'

@@ -71,7 +71,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
             normals; ``"combined"``: z(the paper's pooled score) added to them (better on unaligned surfaces,
             worse on aligned parts); ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
-        sigma: Anomaly-map blur in pixels.
+        sigma: Anomaly-map blur in pixels (the detail map gets half of it).
         fine_tune_epochs: Fine-tuning epochs; ``0`` gives the frozen Gaussian AD.
         learning_rate: Peak AdamW learning rate of the backbone.
         weight_decay: AdamW weight decay.
