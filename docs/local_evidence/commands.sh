@@ -113,9 +113,19 @@ for fine in l2 l23; do
     PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_$fine --coarse r12_k3 --seeds 0 \
         --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel --out docs/local_evidence/fusion_$fine
 done
-for d in fusion_l3 fusion_l2 fusion_l23; do python benchmarks/multiscale_map_study.py --summary docs/local_evidence/$d; done
+# the detail map's blur (shipped: half the map's sigma, 2 px)
+PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 --fine-sigma 2 \
+    --seeds 0,1,2 --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel --out docs/local_evidence/fusion_l3_sigma2
+PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 --fine-sigma 1 \
+    --seeds 0 --datasets deeppcb,magnetic_tile,kolektorsdd,bsdata,brick,grass,gravel --out docs/local_evidence/fusion_l3_sigma1
+PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 --fine-sigma 8 \
+    --seeds 0 --datasets deeppcb,magnetic_tile,kolektorsdd,bsdata --out docs/local_evidence/fusion_l3_sigma8
+for d in fusion_l3 fusion_l2 fusion_l23 fusion_l3_sigma1 fusion_l3_sigma2 fusion_l3_sigma8; do
+    python benchmarks/multiscale_map_study.py --summary docs/local_evidence/$d
+done
+# end to end: docs/results/r13s4 is the same two runs before the detail map's blur was halved
 python benchmarks/local_evidence_baselines.py --out docs/results/r13 --results-file r13_frozen.jsonl \
-    --models gaussft_default_frozen --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel,elpv_mono \
+    --models gaussft_default_frozen --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel,elpv_mono,elpv_poly \
     --variants '{"gaussft_default_frozen": {"fine_tune_epochs": 0}}'
 python benchmarks/local_evidence_baselines.py --out docs/results/r13 --results-file r13_ft.jsonl --models gaussft_default \
     --datasets deeppcb,magnetic_tile,bsdata,kolektorsdd,brick,grass,gravel --variants '{"gaussft_default": {}}'
