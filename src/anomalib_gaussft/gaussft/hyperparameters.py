@@ -31,7 +31,7 @@ class ImageScore(str, Enum):
     """How the image-level anomaly score is computed."""
 
     GAUSSIAN_AD = "gaussian_ad"  # the paper's: Σ over levels of the pooled-feature Mahalanobis distance
-    MAP_MAX = "map_max"  # maximum of the anomaly map
+    MAP_MAX = "map_max"  # maximum of the (neighbourhood-averaged) anomaly map
     LOCAL = "local"  # z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out normals
     COMBINED = "combined"  # z(the paper's pooled score) + the two "local" terms: for unaligned surfaces
 

@@ -138,7 +138,7 @@ class GaussFTModel(DynamicBufferMixin):
         self.score_normalisation = ScoreNormalisation(len(TERMS.get(self.image_score.value, TERMS["local"])))
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, image_size=self.image_size)
         # The detail map is there to place defects one feature position wide: half the blur (measured better on
-        # DeepPCB, 0.834 → 0.852, and equal elsewhere; docs/local_evidence.md).
+        # DeepPCB, 0.834 → 0.853, and equal elsewhere; docs/local_evidence.md).
         self.detail_map_generator = (
             AnomalyMapGenerator(sigma=sigma * DETAIL_BLUR_FRACTION, image_size=self.image_size)
             if self.map_detail_levels
