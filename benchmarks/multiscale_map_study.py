@@ -10,7 +10,10 @@ the frozen features cached by ``local_evidence_features.py``:
 * ``zsum`` / ``zmax``: each map z-scored with the mean and std of its pixels on the held-out normals, then
   summed or maxed (a large defect fires the coarse map, a pit the fine one; the max keeps both);
 * ``pzmax``: as ``zmax`` with a mean and std per pixel position (the held-out maps' own spatial pattern);
-* ``qmax{q}``: each map scaled to its held-out tail, ``(m - median) / (quantile_q - median)``, then maxed.
+* ``qmax{q}``: each map scaled to its held-out tail, ``(m - median) / (quantile_q - median)``, then maxed;
+* ``qexc{q}``: the coarse map on that scale plus the fine map's excess over its own tail, ``s_c + relu(s_f - 1)``
+  (the fine map speaks only where it is rarer than its q-quantile on normal pixels, so its texture noise below
+  that level never reaches the fused map, as it does through the max).
 
 Protocol as in ``local_evidence_study.py``: per seed a 20 % held-out share of the training normals gives every
 normalisation constant (Gaussians fitted on the other 80 %); test maps come from Gaussians refitted on all
@@ -73,9 +76,7 @@ TAIL_QUANTILES = (0.99, 0.999)  # qmax variants: maps scaled to their held-out t
 SETS = "magnetic_tile,bsdata,kolektorsdd,deeppcb,brick,grass,gravel,elpv_mono,elpv_poly"
 
 
-def maps_of(
-    data, cfg: MapConfig, fit_idx: np.ndarray, held, sigma: float = SIGMA
-) -> tuple[torch.Tensor, torch.Tensor]:
+def maps_of(data, cfg: MapConfig, fit_idx: np.ndarray, held, sigma: float = SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-out maps from the 80 % fit, test maps from the refit on all training images), 224 px, blurred."""
     held_map = full_map(unit_maps(held, cfg, fit_units(data.train, fit_idx, cfg)), sigma)
     all_idx = np.arange(len(data.train))
@@ -140,6 +141,7 @@ def evaluate(
             tail_f_h, tail_f_t = pixel_tail(fine_h, fine_h, q), pixel_tail(fine_h, fine_t, q)
             tail_c_h, tail_c_t = pixel_tail(coarse_h, coarse_h, q), pixel_tail(coarse_h, coarse_t, q)
             results[f"qmax{q}[fine+{name}]"] = row(torch.maximum(tail_f_h, tail_c_h), torch.maximum(tail_f_t, tail_c_t))
+            results[f"qexc{q}[fine+{name}]"] = row(tail_c_h + (tail_f_h - 1).relu(), tail_c_t + (tail_f_t - 1).relu())
     return results
 
 

@@ -120,7 +120,10 @@ PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l
     --seeds 0 --datasets deeppcb,magnetic_tile,kolektorsdd,bsdata,brick,grass,gravel --out docs/local_evidence/fusion_l3_sigma1
 PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 --fine-sigma 8 \
     --seeds 0 --datasets deeppcb,magnetic_tile,kolektorsdd,bsdata --out docs/local_evidence/fusion_l3_sigma8
-for d in fusion_l3 fusion_l2 fusion_l23 fusion_l3_sigma1 fusion_l3_sigma2 fusion_l3_sigma8; do
+# the detail map above its own tail only (qexc rows; run after the fused map shipped)
+PYTHONPATH=src:benchmarks python benchmarks/multiscale_map_study.py --fine r12_l3 --coarse r12_k3 --fine-sigma 2 \
+    --seeds 0 --datasets deeppcb,magnetic_tile,kolektorsdd,bsdata,brick,grass,gravel --out docs/local_evidence/fusion_l3_sigma2_exc
+for d in fusion_l3 fusion_l2 fusion_l23 fusion_l3_sigma1 fusion_l3_sigma2 fusion_l3_sigma8 fusion_l3_sigma2_exc; do
     python benchmarks/multiscale_map_study.py --summary docs/local_evidence/$d
 done
 # end to end: docs/results/r13s4 is the same two runs before the detail map's blur was halved
