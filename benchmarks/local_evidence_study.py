@@ -622,8 +622,11 @@ def evaluate_set(
     # the package's "local" score: a layout grid + a map statistic, z-scored on the held-out normals
     for gname, mname in itertools.product(grid_names, map_names):
         (gh, gt), (mh, mt) = image_scores[gname], image_scores[mname]
-        local_score = zscore(gt, gh) + zscore(mt, mh)
-        results[f"comb2_z[{gname}+{mname}]"] = {"image_auroc": auroc(data.labels, local_score.numpy())}
+        zg, zm = zscore(gt, gh), zscore(mt, mh)
+        results[f"comb2_z[{gname}+{mname}]"] = {"image_auroc": auroc(data.labels, (zg + zm).numpy())}
+        fisher = gauss_tail_logp(zg) + gauss_tail_logp(zm)
+        results[f"comb2_fisher[{gname}+{mname}]"] = {"image_auroc": auroc(data.labels, fisher.numpy())}
+        results[f"comb2_zmax[{gname}+{mname}]"] = {"image_auroc": auroc(data.labels, torch.maximum(zg, zm).numpy())}
     # three-way: pooled + a grid + a map statistic
     bh, bt = image_scores["pool"]
     for gname, mname in itertools.product(grid_names, map_names):

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             diff, lo, hi = paired_bootstrap(labels, a, b)
             cells.append(f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] ({best})")
         pixel = rows.get(("gaussft_default", s), {}).get("pixel_auroc")
-        pixel_cell = f"{pixel - rows[('patchcore', s)]['pixel_auroc']:+.3f}" if pixel is not None else "–"
+        patchcore = rows.get(("patchcore", s), {}).get("pixel_auroc")  # PatchCore did not run on every set
+        pixel_cell = f"{pixel - patchcore:+.3f}" if pixel is not None and patchcore is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
     lines += seed_tables(rows, sets, "the default")
     if args.seeds_from in previous:

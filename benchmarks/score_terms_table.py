@@ -13,6 +13,13 @@ PatchCore and DFM. Command used for docs/local_evidence/score_terms.md::
 
     python benchmarks/score_terms_table.py --study docs/local_evidence --tags regions,unseen \
         --baselines docs/local_evidence/baselines.jsonl --out docs/local_evidence/score_terms.md
+
+The combination rules at 200 and at all training images (docs/local_evidence/score_rules/)::
+
+    python benchmarks/score_terms_table.py --study docs/local_evidence/score_rules --tags n200 \
+        --baselines docs/local_evidence/baselines.jsonl --out docs/local_evidence/score_rules/n200.md
+    python benchmarks/score_terms_table.py --study docs/local_evidence/score_rules --tags full \
+        --baselines docs/results/full/results.jsonl --out docs/local_evidence/score_rules/full.md
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ def combinations(map_variant: str) -> dict[str, str]:
         "L (layout)": f"img_{layout}",
         "M (map top 1 %)": f"img_{top}",
         "L + M (`local`)": f"comb2_z[{layout}+{top}]",
+        "L + M, Fisher's sum of Gaussian tails": f"comb2_fisher[{layout}+{top}]",
+        "L + M, max of the z-scores": f"comb2_zmax[{layout}+{top}]",
         "P + M": f"comb_z[pool+{top}]",
         "P + L + M (`combined`)": f"comb3_z[pool+{layout}+{top}]",
     }
@@ -72,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         sets.append(name)
         runs = [json.loads(path.read_text())["results"] for path in files]
         for label, key in labels.items():
-            table[label][name] = [image_auroc(run[key]) for run in runs]
+            values = [image_auroc(run[key]) for run in runs if key in run]  # older runs lack the newer rules
+            if values:
+                table[label][name] = values
 
     best = {s: max(baselines[s].values()) for s in sets}
     lines = [
@@ -81,13 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         "| best of PaDiM / PatchCore / DFM | " + " | ".join(f"{best[s]:.3f}" for s in sets) + " | | |",
     ]
     for label in labels:
-        means = {s: float(np.mean(table[label][s])) for s in sets}
+        if not table[label]:
+            continue
+        means = {s: float(np.mean(values)) for s, values in table[label].items()}
         cells = []
         for s in sets:
-            values = table[label][s]
+            values = table[label].get(s, [])
             spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
-            cells.append(f"{means[s]:.3f}{spread}")
-        worst = min(sets, key=lambda s: means[s] - best[s])
+            cells.append(f"{means[s]:.3f}{spread}" if values else "–")
+        worst = min(means, key=lambda s: means[s] - best[s])
         summary = f"{np.mean(list(means.values())):.3f} | {means[worst] - best[worst]:+.3f} ({worst})"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {summary} |")
     seeds = sorted({len(v) for row in table.values() for v in row.values()})
