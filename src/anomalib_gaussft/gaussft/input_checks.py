@@ -123,6 +123,13 @@ def non_finite_features_error(image_paths: Sequence[str], images: torch.Tensor) 
     return FloatingPointError(msg)
 
 
+def check_finite(features: dict[int, torch.Tensor], paths: Sequence[Any] | None, images: torch.Tensor) -> None:
+    """Raise an error naming the images (or blaming the backbone) when features hold NaN/Inf."""
+    if not all(torch.isfinite(f).all() for f in features.values()):
+        names = [str(p) for p in paths] if paths is not None else [f"image {i}" for i in range(len(images))]
+        raise non_finite_features_error(names, images)
+
+
 def check_fit_data(datamodule: Any) -> None:  # noqa: ANN401 - an anomalib datamodule, or None
     """Before fitting: every training/validation image usable and at least 2 training images.
 

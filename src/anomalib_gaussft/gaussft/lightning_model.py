@@ -35,12 +35,12 @@ from .fitted_guards import FittedModelGuards
 from .forgetting import ForgettingCallback
 from .held_out import HeldOutSplit
 from .held_out_fitting import HeldOutFitting
-from .input_checks import check_fit_data, non_finite_features_error
+from .input_checks import check_finite, check_fit_data, non_finite_features_error
 from .loss import GaussianLoss
 from .pre_processor import GaussFTPreProcessor
 from .pseudo_anomalies import PSEUDO_ANOMALIES
 from .shuffle import SeededShuffle
-from .torch_model import GaussFTModel, check_finite
+from .torch_model import GaussFTModel
 from .trainable_layers import fine_tuning_optimizer, freeze_batchnorm, set_trainable
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,15 +14,14 @@ from torch import nn
 from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
 from .feature_samples import LAYOUT_GRID, layout_vector, neighbourhood_average, pooled
+from .fine_tuning_targets import FineTuningTargets
 from .gaussian import StreamingGaussian
-from .hyperparameters import ImageScore, LossFeatures, MapGaussian
+from .hyperparameters import ImageScore, MapGaussian
 from .image_score import TERMS, ScoreNormalisation, top_fraction_mean
-from .input_checks import non_finite_features_error
-from .loss import LossSamples
+from .input_checks import check_finite
 from .map_fusion import MapFusion
 from .regions import region_grid, region_index
-
-logger = logging.getLogger(__name__)
+from .statistics_fitting import StatisticsFitting
 
 Features = dict[int, torch.Tensor]
 
@@ -55,14 +53,7 @@ def default_detail_levels(map_levels: Sequence[int], map_neighbourhood: int) -> 
     return [min(map_levels)] if map_neighbourhood > 1 else []
 
 
-def check_finite(features: Features, paths: Sequence[Any] | None, images: torch.Tensor) -> None:
-    """Raise an error naming the images (or blaming the backbone) when features hold NaN/Inf."""
-    if not all(torch.isfinite(f).all() for f in features.values()):
-        names = [str(p) for p in paths] if paths is not None else [f"image {i}" for i in range(len(images))]
-        raise non_finite_features_error(names, images)
-
-
-class GaussFTModel(DynamicBufferMixin):
+class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
     """Gaussian AD on multi-level features of a (fine-tunable) timm backbone.
 
     Args:
@@ -251,110 +242,6 @@ class GaussFTModel(DynamicBufferMixin):
             raise ValueError(msg)
         slots = features.reshape(n, c, h * w).transpose(1, 2)  # per position / regional: one slot per position
         return slots, self._region_index(level, h, w, features.device)
-
-    # ---- fine-tuning targets ---------------------------------------------------------------------
-    def loss_targets(self, kind: LossFeatures | str) -> dict[str, StreamingGaussian]:
-        """The Gaussians the fine-tuning loss measures against: pooled levels, or map levels and the layout."""
-        if LossFeatures(kind) == LossFeatures.POOLED:
-            return {f"pooled_{lvl}": gaussian for lvl, gaussian in self.image_gaussians.items()}
-        targets = {f"map_{lvl}": gaussian for lvl, gaussian in self.map_gaussians.items()}
-        if self.layout_gaussian is not None:
-            targets["layout"] = self.layout_gaussian
-        return targets
-
-    def loss_levels(self, kind: LossFeatures | str) -> list[int]:
-        """The levels whose features :meth:`loss_samples` reads."""
-        return list(self.levels) if LossFeatures(kind) == LossFeatures.POOLED else list(self.map_levels)
-
-    def loss_samples(self, features: Features, kind: LossFeatures | str) -> LossSamples:
-        """Samples of :meth:`loss_targets`: one pooled sample per image, or every map position with its group."""
-        if LossFeatures(kind) == LossFeatures.POOLED:
-            return {f"pooled_{lvl}": (pooled(features[lvl]), None) for lvl in self.levels}
-        samples: LossSamples = {}
-        for lvl in self.map_levels:
-            feats = features[lvl]
-            if self.map_gaussian == MapGaussian.SHARED:  # the loss's folds need one row per image: slots, group 0
-                feats = neighbourhood_average(feats, self.map_neighbourhood)  # what the map's Gaussian reads
-                n, c, h, w = feats.shape
-                index = torch.zeros(h * w, dtype=torch.long, device=feats.device)
-                samples[f"map_{lvl}"] = (feats.reshape(n, c, h * w).transpose(1, 2), index)
-            else:
-                samples[f"map_{lvl}"] = self._map_samples(lvl, feats)
-        if self.layout_gaussian is not None:
-            samples["layout"] = (layout_vector(features[self.layout_level]), None)
-        return samples
-
-    # ---- statistics ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def accumulate(self, features: Features, image_only: bool = False) -> None:
-        """Add a batch of normal images' features to the streamed statistics."""
-        for lvl, gaussian in self.image_gaussians.items():
-            gaussian.update(pooled(features[int(lvl)]))
-        if not image_only:
-            for detail, gaussians in ((False, self.map_gaussians), (True, self.detail_gaussians)):
-                for lvl, gaussian in gaussians.items():
-                    samples, index = self._map_samples(int(lvl), features[int(lvl)], detail)
-                    gaussian.update(samples, group_index=index)
-            if self.layout_gaussian is not None:
-                self.layout_gaussian.update(layout_vector(features[self.layout_level]))
-
-    @torch.no_grad()
-    def update_statistics(self, images: torch.Tensor, image_only: bool = False) -> Features:
-        """Accumulate the statistics of a batch of pre-processed normal images; returns its features."""
-        features = self.extract(images)
-        self.accumulate(features, image_only=image_only)
-        return features
-
-    def reset_statistics(self) -> None:
-        """Forget accumulated statistics (fitted ones stay until the next fit)."""
-        for gaussian in self.gaussians():
-            gaussian.reset()
-
-    @torch.no_grad()
-    def fit(self, image_only: bool = False, keep_statistics: bool = False, quiet: bool = False) -> None:
-        """Fit the Gaussians from the accumulated statistics (``image_only``: the image-level ones only).
-
-        ``keep_statistics``: keep the accumulated moments, so that more images can be added and fitted again.
-        ``quiet``: no few-images warning (fine-tuning's per-epoch refits; the final fit warns).
-        """
-        for gaussian in self.image_gaussians.values() if image_only else self.gaussians():
-            gaussian.fit()
-            if not keep_statistics:
-                gaussian.reset()
-        if image_only:  # the anomaly-map Gaussians are not fitted: the model is not usable for inference yet
-            return
-        self.set_fitted(True)
-        n_images = min(int(g.num_samples) for g in self.image_gaussians.values())
-        widest = max(g.dim for g in self.image_gaussians.values())
-        if n_images < widest and not quiet:
-            logger.warning(
-                "Fitted on %d images while the widest level has %d features: its covariance rests on Ledoit-Wolf "
-                "shrinkage. Scores stay finite, but more normal images (or fewer/narrower levels) help.",
-                n_images,
-                widest,
-            )
-
-    @torch.no_grad()
-    def fit_from(
-        self,
-        loader: Iterable[Any],
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        image_only: bool = False,
-        on_features: Callable[[Any, Features], None] | None = None,
-        keep_statistics: bool = False,
-        quiet: bool = False,
-    ) -> None:
-        """Re-estimate the Gaussians from one pass over ``loader`` with the current network.
-
-        ``on_features(batch, features)`` sees every batch's features (e.g. to refit the loss's Gaussians in the
-        same pass); ``keep_statistics`` and ``quiet`` as in :meth:`fit`.
-        """
-        self.reset_statistics()
-        for item in self.iter_features(loader, transform):
-            self.accumulate(item.features, image_only=image_only)
-            if on_features is not None:
-                on_features(item.batch, item.features)
-        self.fit(image_only=image_only, keep_statistics=keep_statistics, quiet=quiet)
 
     # ---- scores ----------------------------------------------------------------------------------
     def level_distances(self, features: Features) -> torch.Tensor:
