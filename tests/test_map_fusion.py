@@ -1,4 +1,4 @@
-"""The fused anomaly map: the averaged map and an unaveraged detail map, each scaled on held-out normals, maxed."""
+"""The fused anomaly map: averaged and detail maps scaled on held-out normals and maxed; the layout map's excess."""
 
 from __future__ import annotations
 
@@ -59,8 +59,10 @@ def test_detail_levels_default_to_the_finest_map_level_of_an_averaged_map() -> N
     assert default.map_detail_levels == [min(default.map_levels)]
     assert default.fuses_maps
     assert list(default.detail_gaussians) == [str(min(default.map_levels))]
-    assert not GaussFT(**KWARGS, map_neighbourhood=1).model.fuses_maps  # nothing to add to an unaveraged map
-    off = GaussFT(**KWARGS, map_detail_levels=[]).model
+    assert default.layout_map is not None  # and the layout term's map, where it exceeds its held-out tail
+    # nothing to add to an unaveraged map
+    assert not GaussFT(**KWARGS, map_neighbourhood=1, map_layout=False).model.fuses_maps
+    off = GaussFT(**KWARGS, map_detail_levels=[], map_layout=False).model
     assert not off.fuses_maps
     assert not any(key.startswith(("map_fusion", "detail_gaussians")) for key in off.state_dict())
     with pytest.raises(ValueError, match="no detail map"):
@@ -71,9 +73,9 @@ def test_detail_levels_default_to_the_finest_map_level_of_an_averaged_map() -> N
 
 def test_detail_map_is_the_unaveraged_map_of_its_level_and_the_output_fuses_it() -> None:
     """Reference: a model whose only map level is the detail level, without the neighbourhood average, half the blur."""
-    model = GaussFT(**KWARGS, map_detail_levels=[4]).model.eval()
+    model = GaussFT(**KWARGS, map_detail_levels=[4], map_layout=False).model.eval()
     assert model.anomaly_map_generator.sigma == 4.0
-    reference = GaussFT(**KWARGS, map_levels=[4], map_neighbourhood=1, sigma=2.0).model.eval()
+    reference = GaussFT(**KWARGS, map_levels=[4], map_neighbourhood=1, sigma=2.0, map_layout=False).model.eval()
     assert not reference.fuses_maps
     reference.feature_extractor.load_state_dict(model.feature_extractor.state_dict())  # the same random backbone
     train, held_out, test = torch.rand(24, 3, 64, 64), torch.rand(6, 3, 64, 64), torch.rand(3, 3, 64, 64)
@@ -113,9 +115,10 @@ def test_fit_scales_the_fusion_on_held_out_normals_and_the_image_score_ignores_i
     texture_root: Path, tmp_path: Path
 ) -> None:
     fused = _fit(texture_root, tmp_path / "fused")
-    plain = _fit(texture_root, tmp_path / "plain", map_detail_levels=[])
+    plain = _fit(texture_root, tmp_path / "plain", map_detail_levels=[], map_layout=False)
     assert fused.model.map_fusion.median.ne(0).all()
     assert fused.model.map_fusion.scale.ne(1).all()
+    assert fused.model.map_fusion.layout_scale.ne(1).all()  # the layout map's tail, from the same held-out pass
     images = torch.rand(4, 3, 64, 64)
     with torch.no_grad():
         fused_out, plain_out = fused.model(images), plain.model(images)

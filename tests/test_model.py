@@ -287,3 +287,20 @@ def test_a_checkpoint_from_before_map_detail_levels_is_read_without_a_fused_map(
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(current.eval().model(images).anomaly_map, legacy.model(images).anomaly_map)
+
+
+def test_a_checkpoint_from_before_map_layout_is_read_without_the_layout_map() -> None:
+    """Checkpoints written before the option existed have no layout map or its fusion constants."""
+    legacy = _fitted(map_layout=False)
+    legacy.model.map_fusion.update(torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64))
+    legacy.model.map_fusion.fit()
+    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k != "map_layout"}
+    checkpoint = {"state_dict": legacy.state_dict(), "hyper_parameters": hyper_parameters}
+    current = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    assert current.model.layout_map is not None
+    current.on_load_checkpoint(checkpoint)
+    assert current.model.layout_map is None
+    current.load_state_dict(checkpoint["state_dict"])  # strict: no layout whitening or layout constants expected
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(current.eval().model(images).anomaly_map, legacy.model(images).anomaly_map)

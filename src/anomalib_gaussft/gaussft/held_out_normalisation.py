@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .image_score import TERMS
-from .map_fusion import MAP_NAMES, TAIL_QUANTILE
+from .map_fusion import TAIL_QUANTILE
 
 if TYPE_CHECKING:
     from .torch_model import GaussFTModel
@@ -38,17 +38,14 @@ def normalise_on_held_out(
         if model.normalised_score:
             terms.append(model.score_terms(item.features, averaged))
         if fusion is not None:
-            fusion.update(averaged, model.detail_map(item.features, item.images.shape[-2:]))
+            fusion.update(averaged, *model.fused_maps(item.features, item.images.shape[-2:]))
         if refit:
             model.accumulate(item.features)
     if model.normalised_score:
         _fit_score_normalisation(model, torch.cat(terms))
     if fusion is not None:
         fusion.fit()
-        scales = ", ".join(
-            f"{name} median {median:.3g}, scale {scale:.3g}"
-            for name, median, scale in zip(MAP_NAMES, fusion.median.tolist(), fusion.scale.tolist(), strict=True)
-        )
+        scales = ", ".join(f"{name} median {median:.3g}, scale {scale:.3g}" for name, median, scale in fusion.constants)
         logger.info("Map fusion from held-out normals (scale = q%g - median): %s.", 100 * TAIL_QUANTILE, scales)
     if refit:
         model.fit()

@@ -68,6 +68,9 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
             averaged and the detail map, each scaled to its held-out normals' median and 99th percentile (keeps
             defects one feature position wide that the average dilutes). ``None``: the finest map level when
             ``map_neighbourhood > 1``; ``[]``: no fusion. The image score reads the averaged map either way.
+        map_layout: Add the layout term per 3 × 3 cell (how unexpected each cell is given the others) to the
+            anomaly map where it exceeds its held-out normals' 99th percentile: large diffuse defects that the
+            local maps miss. ``None``: on whenever the image score has a layout term ("local", "combined").
         image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
             normals; ``"combined"``: z(the paper's pooled score) added to them (better on unaligned surfaces,
             worse on aligned parts); ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
@@ -118,6 +121,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_regions: hp.PositiveInt = 12,
         map_neighbourhood: hp.PositiveInt = 3,
         map_detail_levels: Sequence[hp.NonNegativeInt] | None = None,
+        map_layout: bool | None = None,
         image_score: hp.ImageScoreName = "local",
         sigma: hp.NonNegativeFloat = 4.0,
         fine_tune_epochs: hp.NonNegativeInt = 6,

@@ -57,6 +57,8 @@ class StatisticsFitting:
                 gaussian.reset()
         if image_only:  # the anomaly-map Gaussians are not fitted: the model is not usable for inference yet
             return
+        if self.layout_map is not None:
+            self.layout_map.fit(self.layout_gaussian)
         self.set_fitted(True)
         n_images = min(int(g.num_samples) for g in self.image_gaussians.values())
         widest = max(g.dim for g in self.image_gaussians.values())

@@ -19,6 +19,7 @@ from .gaussian import StreamingGaussian
 from .hyperparameters import ImageScore, MapGaussian
 from .image_score import TERMS, ScoreNormalisation, top_fraction_mean
 from .input_checks import check_finite
+from .layout_map import LayoutMap
 from .map_fusion import MapFusion
 from .regions import region_grid, region_index
 from .statistics_fitting import StatisticsFitting
@@ -68,6 +69,8 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         map_neighbourhood: Side of the square neighbourhood averaged at each map position (1 = none).
         map_detail_levels: Levels whose unaveraged map is fused into the anomaly map (per-pixel max on the
             held-out normals' scale); ``None``: the finest map level when ``map_neighbourhood > 1``; ``[]``: none.
+        map_layout: Add the layout term's per-cell map where it exceeds its held-out 99th percentile; ``None``:
+            whenever the image score has a layout term ("local", "combined").
         image_score: ``"local"``, ``"combined"``, ``"gaussian_ad"`` or ``"map_max"``.
         sigma: Blur of the anomaly map in pixels (of the detail map: half of it).
 
@@ -85,6 +88,7 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         map_regions: int = 12,
         map_neighbourhood: int = 3,
         map_detail_levels: Sequence[int] | None = None,
+        map_layout: bool | None = None,
         image_score: ImageScore | str = ImageScore.LOCAL,
         sigma: float = 4.0,
     ) -> None:
@@ -118,13 +122,17 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         self.detail_gaussians = nn.ModuleDict(
             {str(lvl): StreamingGaussian(self._map_groups(lvl), shapes[lvl][0]) for lvl in self.map_detail_levels}
         )
-        self.map_fusion = MapFusion() if self.map_detail_levels else None  # absent from checkpoints without fusion
         # Layout term of the "local" and "combined" image scores: the deepest map level pooled to 3 × 3, one
         # joint Gaussian.
         self.layout_level = max(self.map_levels)
         self.layout_gaussian = (
             StreamingGaussian(1, shapes[self.layout_level][0] * LAYOUT_GRID**2) if self.normalised_score else None
         )
+        # The layout term per 3 × 3 cell, added to the heatmap where it exceeds its held-out tail.
+        self.layout_map = LayoutMap(shapes[self.layout_level][0]) if self._uses_layout_map(map_layout) else None
+        fused = bool(self.map_detail_levels) or self.layout_map is not None
+        # Absent from checkpoints without fusion.
+        self.map_fusion = MapFusion(bool(self.map_detail_levels), self.layout_map is not None) if fused else None
         # Unused by "gaussian_ad" / "map_max", which keep the 2-term buffers their checkpoints were saved with.
         self.score_normalisation = ScoreNormalisation(len(TERMS.get(self.image_score.value, TERMS["local"])))
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, image_size=self.image_size)
@@ -139,6 +147,15 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         # Plain-bool mirror of ``is_fitted``: torch.export traces with fake buffers whose value is unknown.
         self._fitted = False
         self.register_load_state_dict_post_hook(GaussFTModel._sync_fitted)
+
+    def _uses_layout_map(self, map_layout: bool | None) -> bool:
+        if map_layout and self.layout_gaussian is None:
+            msg = (
+                f"map_layout=True needs the layout term of image_score 'local' or 'combined' (got "
+                f"{self.image_score.value!r}); set map_layout to null or false."
+            )
+            raise ValueError(msg)
+        return self.layout_gaussian is not None if map_layout is None else bool(map_layout)
 
     def _check_image_size(self, backbone: str) -> None:
         strides = self.feature_extractor.level_strides()
@@ -266,7 +283,7 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
 
     @property
     def fuses_maps(self) -> bool:
-        """Whether the anomaly map fuses the averaged map with a detail map (``map_detail_levels`` not empty)."""
+        """Whether the anomaly map fuses the averaged map with a detail or a layout map."""
         return self.map_fusion is not None
 
     def averaged_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -290,7 +307,18 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         averaged = self.averaged_map(features, image_size) if averaged is None else averaged
         if self.map_fusion is None:
             return averaged
-        return self.map_fusion(averaged, self.detail_map(features, image_size))
+        return self.map_fusion(averaged, *self.fused_maps(features, image_size))
+
+    def fused_maps(
+        self, features: Features, image_size: tuple[int, int] | torch.Size
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The maps fused with the averaged one, ``(detail, layout)`` ``(N, 1, H, W)``; ``None`` where absent."""
+        detail = self.detail_map(features, image_size) if self.detail_map_generator is not None else None
+        layout = None
+        if self.layout_map is not None:
+            cells = self.layout_map(layout_vector(features[self.layout_level]), self.layout_gaussian)
+            layout = self.anomaly_map_generator([cells], image_size)
+        return detail, layout
 
     @property
     def normalised_score(self) -> bool:

@@ -1,0 +1,102 @@
+"""The layout term as a map: per-cell conditional Mahalanobis distances, added to the heatmap above their tail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomalib_gaussft import GaussFT
+from anomalib_gaussft.gaussft.feature_samples import LAYOUT_GRID
+from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
+from anomalib_gaussft.gaussft.layout_map import CELLS, LayoutMap
+from anomalib_gaussft.gaussft.map_fusion import MapFusion
+from conftest import TINY_BACKBONE
+
+KWARGS = {"backbone": TINY_BACKBONE, "pre_trained": False, "image_size": 64}
+
+
+def _conditional_reference(x: np.ndarray, mean: np.ndarray, covariance: np.ndarray, channels: int) -> np.ndarray:
+    """``sqrt(d²/C)`` of each cell given the other cells, from the conditional Gaussian written out (``(N, 9)``)."""
+    dim = covariance.shape[0]
+    out = np.zeros((len(x), CELLS))
+    for j in range(CELLS):
+        cell = np.arange(j, dim, CELLS)  # channel-major layout vector: entry c · 9 + j
+        rest = np.setdiff1d(np.arange(dim), cell)
+        gain = covariance[np.ix_(cell, rest)] @ np.linalg.inv(covariance[np.ix_(rest, rest)])
+        conditional_cov = covariance[np.ix_(cell, cell)] - gain @ covariance[np.ix_(rest, cell)]
+        residual = (x[:, cell] - mean[cell]) - (x[:, rest] - mean[rest]) @ gain.T
+        squared = np.einsum("ni,ij,nj->n", residual, np.linalg.inv(conditional_cov), residual)
+        out[:, j] = np.sqrt(squared / channels)
+    return out
+
+
+def test_cell_map_matches_the_conditional_gaussian_of_each_cell() -> None:
+    channels = 3
+    dim = channels * CELLS
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(dim, dim, generator=generator) / dim**0.5  # correlated cells
+    train = torch.randn(400, dim, generator=generator) @ mixing + 2.0
+    gaussian = StreamingGaussian(1, dim)
+    gaussian.update(train[:, None])
+    estimate = gaussian.fit()
+    layout_map = LayoutMap(channels)
+    layout_map.fit(gaussian)
+    test = torch.randn(5, dim, generator=generator) @ mixing * 3 + 2.0
+    cells = layout_map(test[:, None], gaussian)
+    assert cells.shape == (5, 1, LAYOUT_GRID, LAYOUT_GRID)
+    expected = _conditional_reference(
+        test.double().numpy(), estimate["mean"][0].numpy(), estimate["covariance"][0].numpy(), channels
+    )
+    np.testing.assert_allclose(cells.reshape(5, CELLS).double().numpy(), expected, rtol=2e-3, atol=1e-4)
+
+
+def test_the_layout_map_adds_only_its_excess_over_its_held_out_tail() -> None:
+    generator = torch.Generator().manual_seed(1)
+    held = [torch.rand(6, 1, 16, 16, generator=generator) * k for k in (1.0, 2.0, 3.0)]
+    fusion = MapFusion(detail=True, layout=True)
+    fusion.update(*held)
+    fusion.fit()
+    assert fusion.names == ["averaged", "detail", "layout"]
+    averaged, detail = torch.rand(2, 1, 16, 16, generator=generator), torch.rand(2, 1, 16, 16, generator=generator)
+    without = MapFusion(detail=True)
+    without.median.copy_(fusion.median)
+    without.scale.copy_(fusion.scale)
+    base = without(averaged, detail)
+    quiet = fusion.layout_median + 0.5 * fusion.layout_scale  # below the tail everywhere: adds nothing
+    torch.testing.assert_close(fusion(averaged, detail, quiet.expand(2, 1, 16, 16)), base)
+    loud = fusion.layout_median + 3.0 * fusion.layout_scale  # scaled 3: adds 2
+    torch.testing.assert_close(fusion(averaged, detail, loud.expand(2, 1, 16, 16)), base + 2.0)
+    with pytest.raises(ValueError, match="pass every one of these maps"):
+        fusion(averaged, detail)
+
+
+def test_map_layout_follows_the_image_score_and_refuses_a_score_without_layout() -> None:
+    assert GaussFT(**KWARGS).model.layout_map is not None
+    assert GaussFT(**KWARGS, image_score="combined").model.layout_map is not None
+    assert GaussFT(**KWARGS, image_score="gaussian_ad").model.layout_map is None
+    assert GaussFT(**KWARGS, map_layout=False).model.layout_map is None
+    with pytest.raises(ValueError, match="map_layout=True needs the layout term"):
+        GaussFT(**KWARGS, image_score="gaussian_ad", map_layout=True)
+    with pytest.raises(ValueError, match="map_layout"):
+        GaussFT(**KWARGS, map_layout="yes")
+
+
+def test_a_fitted_model_lifts_an_out_of_layout_region_in_its_heatmap() -> None:
+    """A fitted model's layout map fires on an image whose coarse layout is off, and the heatmap carries it."""
+    torch.manual_seed(0)
+    model = GaussFT(**KWARGS).model.eval()
+    for _ in range(4):
+        model.update_statistics(torch.rand(8, 3, 64, 64) * 0.2 + 0.4)
+    model.fit()
+    normal = torch.rand(4, 3, 64, 64) * 0.2 + 0.4
+    with torch.no_grad():
+        features = model.extract(normal)
+        _, layout = model.fused_maps(features, (64, 64))
+        model.map_fusion.update(model.averaged_map(features, (64, 64)), *model.fused_maps(features, (64, 64)))
+        model.map_fusion.fit()
+        odd = normal.clone()
+        odd[:, :, :32, :32] = 1.0  # a quarter of the image saturated
+        _, odd_layout = model.fused_maps(model.extract(odd), (64, 64))
+    assert layout.shape == odd_layout.shape == (4, 1, 64, 64)
+    assert odd_layout.amax() > layout.amax()
