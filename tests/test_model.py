@@ -229,8 +229,9 @@ def test_resuming_a_checkpoint_of_another_configuration_is_refused() -> None:
 
 def test_a_checkpoint_from_before_map_neighbourhood_is_read_with_no_neighbourhood_average() -> None:
     """Checkpoints written before the option existed were fitted on unaveraged map features."""
-    legacy = _fitted(map_neighbourhood=1)
-    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k != "map_neighbourhood"}
+    legacy = _fitted(map_neighbourhood=1, map_layout=False)
+    later_keys = ("map_neighbourhood", "map_detail_levels", "map_layout")  # options added after such checkpoints
+    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k not in later_keys}
     checkpoint = {"state_dict": legacy.state_dict(), "hyper_parameters": hyper_parameters}
     current = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
     assert current.hparams.map_neighbourhood == 3
@@ -276,8 +277,8 @@ def test_the_config_file_lists_every_option_with_its_default() -> None:
 
 def test_a_checkpoint_from_before_map_detail_levels_is_read_without_a_fused_map() -> None:
     """Checkpoints written before the option existed have no detail Gaussians: their map is the averaged one."""
-    legacy = _fitted(map_detail_levels=[])
-    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k != "map_detail_levels"}
+    legacy = _fitted(map_detail_levels=[], map_layout=False)  # map_layout came later still
+    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k not in ("map_detail_levels", "map_layout")}
     checkpoint = {"state_dict": legacy.state_dict(), "hyper_parameters": hyper_parameters}
     current = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
     assert current.model.fuses_maps
