@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
-from local_evidence_study import IMAGE, MapConfig, auroc, chunks, held_out_split, load_set, separable_blur
+from local_evidence_study import IMAGE, MapConfig, auroc, chunks, held_out_split, pending_runs, separable_blur
 from multiscale_map_study import maps_of, pixel_tail
 
 LAYOUT_LEVEL, GRID = 5, 3
@@ -138,19 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    for name in args.datasets.split(","):
-        data = load_set(args.cache, name)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            target = args.out / f"{args.tag}_{name}_seed{seed}.json"
-            if target.is_file():
-                continue
-            start = time.perf_counter()
-            results = evaluate(data, seed)
-            target.write_text(json.dumps(results, indent=1))
-            print(f"{name} seed {seed} ({time.perf_counter() - start:.0f} s)", flush=True)
-            for variant, metrics in results.items():
-                print(f"  {variant:34s} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        del data
+    for data, seed, target in pending_runs(args.cache, args.datasets, args.seeds, args.out, args.tag):
+        start = time.perf_counter()
+        results = evaluate(data, seed)
+        target.write_text(json.dumps(results, indent=1))
+        print(f"{data.name} seed {seed} ({time.perf_counter() - start:.0f} s)", flush=True)
+        for variant, metrics in results.items():
+            print(f"  {variant:34s} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     return 0
 
 

@@ -119,6 +119,20 @@ def load_set(cache: Path, name: str) -> SetData:
     return SetData(name, train, test, record["test"]["labels"].numpy(), record["test"].get("masks"))
 
 
+def pending_runs(cache: Path, datasets: str, seeds: str, out: Path, tag: str):
+    """``(data, seed, target)`` for every set × seed whose result file ``OUT/<tag>_<set>_seed<k>.json`` is missing
+    (each set loaded once, only when one of its seeds is pending)."""
+    for name in [d for d in datasets.split(",") if d]:
+        data = None
+        for seed in [int(s) for s in seeds.split(",")]:
+            target = out / f"{tag}_{name}_seed{seed}.json"
+            if target.is_file():
+                print(f"{name} seed {seed}: done", flush=True)
+                continue
+            data = load_set(cache, name) if data is None else data
+            yield data, seed, target
+
+
 def held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(1000 + seed).permutation(n)
     n_held = max(2, round(fraction * n))
@@ -660,33 +674,26 @@ def main(argv: list[str] | None = None) -> int:
     TOP_FRACTIONS.update({k: float(v) for k, v in (item.split("=") for item in args.top_fractions.split(","))})
     map_variants = [v for v in args.map_variants.split(",") if v]
     grid_variants = [v for v in args.grid_variants.split(",") if v]
-    for name in [d for d in args.datasets.split(",") if d]:
-        data = load_set(Path(args.cache), name)
-        if data.masks is None:  # no pixel metric: skip pure-map variants' pixel work but keep image stats
-            pass
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            target = out / f"{args.tag}_{name}_seed{seed}.json"
-            if target.is_file():
-                print(f"{name} seed {seed}: done", flush=True)
-                continue
-            start = time.perf_counter()
-            results = evaluate_set(data, seed, map_variants, grid_variants, args.held_out, args.refit)
-            record = {
-                "dataset": name,
-                "seed": seed,
-                "held_out_fraction": args.held_out,
-                "refit": args.refit,
-                "top_fractions": TOP_FRACTIONS,
-                "map_variants": {v: [asdict(MAP_VARIANTS[v][0]), *MAP_VARIANTS[v][1:]] for v in map_variants},
-                "grid_variants": {v: GRID_VARIANTS[v] for v in grid_variants},
-                "n_train": len(data.train),
-                "n_test": len(data.test),
-                "n_test_anomalous": int(data.labels.sum()),
-                "seconds": time.perf_counter() - start,
-                "results": results,
-            }
-            target.write_text(json.dumps(record, indent=0))
-            print(f"{name} seed {seed}: {len(results)} variants in {record['seconds']:.0f} s", flush=True)
+    for data, seed, target in pending_runs(Path(args.cache), args.datasets, args.seeds, out, args.tag):
+        name = data.name
+        start = time.perf_counter()
+        results = evaluate_set(data, seed, map_variants, grid_variants, args.held_out, args.refit)
+        record = {
+            "dataset": name,
+            "seed": seed,
+            "held_out_fraction": args.held_out,
+            "refit": args.refit,
+            "top_fractions": TOP_FRACTIONS,
+            "map_variants": {v: [asdict(MAP_VARIANTS[v][0]), *MAP_VARIANTS[v][1:]] for v in map_variants},
+            "grid_variants": {v: GRID_VARIANTS[v] for v in grid_variants},
+            "n_train": len(data.train),
+            "n_test": len(data.test),
+            "n_test_anomalous": int(data.labels.sum()),
+            "seconds": time.perf_counter() - start,
+            "results": results,
+        }
+        target.write_text(json.dumps(record, indent=0))
+        print(f"{name} seed {seed}: {len(results)} variants in {record['seconds']:.0f} s", flush=True)
     return 0
 
 

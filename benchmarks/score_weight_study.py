@@ -45,7 +45,7 @@ from local_evidence_study import (
     full_map,
     grid_distances,
     held_out_split,
-    load_set,
+    pending_runs,
     topk_mean,
     unit_maps,
     zscore,
@@ -224,27 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in [d for d in args.datasets.split(",") if d]:
-        data = load_set(Path(args.cache), name)
+    for data, seed, target in pending_runs(Path(args.cache), args.datasets, args.seeds, out, args.tag):
+        name = data.name
         paths = torch.load(Path(args.cache) / f"{name}.pt", weights_only=False)["train"]["paths"]
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            target = out / f"{args.tag}_{name}_seed{seed}.json"
-            if target.is_file():
-                print(f"{name} seed {seed}: done", flush=True)
-                continue
-            start = time.perf_counter()
-            result = evaluate(data, paths, seed, args.held_out, not args.no_refit)
-            record = {"dataset": name, "seed": seed, "n_train": len(data.train), **result}
-            record["seconds"] = time.perf_counter() - start
-            target.write_text(json.dumps(record, indent=1))
-            print(
-                f"{name} seed {seed}: w_argmax {result['w_argmax']:.1f} w_excess {result['w_excess']:.2f} "
-                f"pseudo L {result['pseudo_auroc_L']:.3f} M {result['pseudo_auroc_M']:.3f} | test fixed "
-                f"{result['test_fixed']:.3f} argmax {result['test_argmax']:.3f} excess {result['test_excess']:.3f} "
-                f"L {result['test_auroc_by_weight']['1.0']:.3f} M {result['test_auroc_by_weight']['0.0']:.3f} "
-                f"({record['seconds']:.0f} s)",
-                flush=True,
-            )
+        start = time.perf_counter()
+        result = evaluate(data, paths, seed, args.held_out, not args.no_refit)
+        record = {"dataset": name, "seed": seed, "n_train": len(data.train), **result}
+        record["seconds"] = time.perf_counter() - start
+        target.write_text(json.dumps(record, indent=1))
+        print(
+            f"{name} seed {seed}: w_argmax {result['w_argmax']:.1f} w_excess {result['w_excess']:.2f} "
+            f"pseudo L {result['pseudo_auroc_L']:.3f} M {result['pseudo_auroc_M']:.3f} | test fixed "
+            f"{result['test_fixed']:.3f} argmax {result['test_argmax']:.3f} excess {result['test_excess']:.3f} "
+            f"L {result['test_auroc_by_weight']['1.0']:.3f} M {result['test_auroc_by_weight']['0.0']:.3f} "
+            f"({record['seconds']:.0f} s)",
+            flush=True,
+        )
     return 0
 
 
