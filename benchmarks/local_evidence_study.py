@@ -396,12 +396,17 @@ def grid_distances(train: Split, fit_idx: np.ndarray, others: list[Split], level
     def cells(split: Split, index) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(split.maps[level][index], grid)  # (n, C, g, g)
         n, c = x.shape[:2]
-        if mode in ("joint", "jointfre"):
-            return x.reshape(n, 1, c * grid * grid)
+        if mode in ("joint", "jointfre", "jointstd"):
+            x = x.reshape(n, 1, c * grid * grid)
+            return (x - scale[0]) / scale[1] if mode == "jointstd" else x
         x = x.reshape(n, c, grid * grid).transpose(1, 2)  # (n, g², C)
         return x.reshape(n * grid * grid, 1, c) if mode == "shared" else x
 
     c = train.maps[level].shape[1]
+    scale = (0.0, 1.0)
+    if mode == "jointstd":  # shrink the correlation matrix, not the covariance: a per-dimension variance target
+        ref = torch.cat([cells(train, torch.as_tensor(fit_idx)[sl]) for sl in chunks(len(fit_idx))]).double()
+        scale = (ref.mean(0).float(), ref.std(0).clamp_min(1e-6).float())
     groups, dim = {"cell": (grid * grid, c), "shared": (1, c)}.get(mode, (1, c * grid * grid))
     g = StreamingGaussian(groups, dim)
     fit = torch.as_tensor(fit_idx)
@@ -541,6 +546,7 @@ GRID_VARIANTS: dict[str, tuple[int, int, str]] = {  # name -> (level, grid, mode
     "g_l4_3j": (4, 3, "joint"),
     "g_l5_3f": (5, 3, "jointfre"),
     "g_l5_2j": (5, 2, "joint"),
+    "g_l5_3s": (5, 3, "jointstd"),
 }
 
 
