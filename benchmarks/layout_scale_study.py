@@ -15,12 +15,14 @@ Layout candidates (``level, grid, mode`` as in ``local_evidence_study.grid_dista
 * ``L6x1`` / ``L7x1``: levels 6 / 7 pooled over the whole map: the paper's pooled Gaussians of those levels,
   which the model stores already;
 * ``L7x2``: level 7 pooled to 2 × 2, joint (1280 dims);
+* ``L5x3a<α>``: L with a fixed shrinkage ``α`` instead of Ledoit-Wolf's (the held-out distances of L are 2-3 ×
+  the training ones: is L under-regularised?);
 
-combined as ``z(L5x3) + z(M)`` (the default), ``z(X) + z(M)``, and ``z(z(L5x3) + z(X)) + z(M)`` (a two-scale
-layout term with the weight of one term, ``[L5x3 & X] + M`` below). Protocol of ``local_evidence_study.py``
-with ``--refit``: 20 % of the training images held out (seeded) fix the z-scores with Gaussians fitted on the
-other 80 %; test images are scored by Gaussians refitted on all training images. AUROC of each term and rule per
-set and seed: ``OUT/<tag>_<set>_seed<k>.json``.
+combined as ``z(L5x3) + z(M)`` (the default), ``z(X) + z(M)``, and, for the deeper levels,
+``z(z(L5x3) + z(X)) + z(M)`` (a two-scale layout term with the weight of one term, ``[L5x3 & X] + M`` below).
+Protocol of ``local_evidence_study.py`` with ``--refit``: 20 % of the training images held out (seeded) fix the
+z-scores with Gaussians fitted on the other 80 %; test images are scored by Gaussians refitted on all training
+images. AUROC of each term and rule per set and seed: ``OUT/<tag>_<set>_seed<k>.json``.
 
     PYTHONPATH=src:benchmarks python benchmarks/layout_scale_study.py --cache /work/data/cache/full --tag full \
         --datasets magnetic_tile,bsdata,elpv_mono,elpv_poly,kolektorsdd --out docs/local_evidence/layout_scales
@@ -38,10 +40,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from local_evidence_study import (
     MAP_VARIANTS,
     auroc,
+    chunks,
     fit_units,
     full_map,
     grid_distances,
@@ -60,10 +64,34 @@ LAYOUTS: dict[str, tuple[int, int, str]] = {
     "L6x1": (6, 1, "joint"),
     "L7x1": (7, 1, "joint"),
     "L7x2": (7, 2, "joint"),
+    # L with a fixed shrinkage ``α`` in ``(1 − α) S + α μ I`` instead of Ledoit-Wolf's (≈ 0.04-0.15 here)
+    "L5x3a0.3": (5, 3, "shrink0.3"),
+    "L5x3a0.7": (5, 3, "shrink0.7"),
+    "L5x3a0.9": (5, 3, "shrink0.9"),
 }
+TWO_SCALES = ("L6x2", "L6x1", "L7x1", "L7x2")  # second layouts tried beside L5x3
 SETS = "magnetic_tile,bsdata,elpv_mono,elpv_poly,kolektorsdd,deeppcb,brick,grass,gravel"
 # best image AUROC of PaDiM / PatchCore / DFM, per tag, read from these results files
 BASELINES = {"n200": "docs/local_evidence/baselines.jsonl", "full": "docs/results/full/results.jsonl"}
+
+
+def fixed_shrinkage_distances(train, fit_idx: np.ndarray, split, level: int, grid: int, alpha: float) -> torch.Tensor:
+    """Distances ``(N,)`` of ``split``'s layout vectors under ``(1 − α) S + α μ I`` fitted on ``fit_idx``."""
+
+    def vectors(data, index) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(data.maps[level][index], grid).flatten(1).double()
+
+    fit = torch.as_tensor(fit_idx)
+    x = torch.cat([vectors(train, fit[sl]) for sl in chunks(len(fit))])
+    mean, centred = x.mean(0), x - x.mean(0)
+    empirical = centred.T @ centred / len(x)
+    mu = torch.trace(empirical) / len(empirical)
+    precision = torch.linalg.inv((1 - alpha) * empirical + alpha * mu * torch.eye(len(empirical), dtype=x.dtype))
+    out = []
+    for sl in chunks(len(split)):
+        c = vectors(split, sl) - mean
+        out.append(((c @ precision) * c).sum(1).clamp_min(0).sqrt())
+    return torch.cat(out).float()
 
 
 def terms_of(data, seed: int, frac: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -73,6 +101,12 @@ def terms_of(data, seed: int, frac: float) -> dict[str, tuple[torch.Tensor, torc
     held = data.train.take(held_idx)
     terms = {}
     for name, (level, grid, mode) in LAYOUTS.items():
+        if mode.startswith("shrink"):
+            alpha = float(mode.removeprefix("shrink"))
+            held_d = fixed_shrinkage_distances(data.train, fit_idx, held, level, grid, alpha)
+            test_d = fixed_shrinkage_distances(data.train, all_idx, data.test, level, grid, alpha)
+            terms[name] = (held_d, test_d)
+            continue
         (held_d,) = grid_distances(data.train, fit_idx, [held], level, grid, mode)
         (test_d,) = grid_distances(data.train, all_idx, [data.test], level, grid, mode)
         terms[name] = (held_d[:, 0], test_d[:, 0])
@@ -89,7 +123,7 @@ def rules(terms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torc
     out = {name: t for name, (_h, t) in z.items()}
     for name in LAYOUTS:
         out[f"{name} + M"] = z[name][1] + z["M"][1]
-        if name != "L5x3":
+        if name in TWO_SCALES:
             pair_h, pair_t = z["L5x3"][0] + z[name][0], z["L5x3"][1] + z[name][1]
             out[f"[L5x3 & {name}] + M"] = zscore(pair_t, pair_h) + z["M"][1]
     return out
