@@ -7,13 +7,15 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/r13/results.jsonl \
-        --previous _avg=docs/results/r12/results.jsonl --previous _combined=docs/results/c3/results.jsonl \
-        --previous _r7=docs/results/k3/results.jsonl --previous _k1=docs/results/results.jsonl \
+    python benchmarks/results_table.py --results docs/results/r15/results.jsonl \
+        --previous _r13=docs/results/r13/results.jsonl --previous _avg=docs/results/r12/results.jsonl \
+        --previous _combined=docs/results/c3/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
+        --previous _k1=docs/results/results.jsonl \
         --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
 
 ``--previous SUFFIX=PATH``: the rows of an option or an earlier default, shown as rows of their own
-(``_avg``: the averaged heatmap without the detail map, ``map_detail_levels: []``; ``_combined``:
+(``_r13``: the fused heatmap without the layout map, ``map_layout: false``; ``_avg``: the averaged heatmap
+without the detail map, ``map_detail_levels: []``; ``_combined``:
 ``image_score: combined``, fine-tuned and frozen, run with the averaged heatmap; ``_r7``: 7 × 7 regions; ``_k1``:
 no neighbourhood average either; only the frozen row of the latter two). Tables over held-out seeds follow for
 the default's runs and for the ``--seeds-from`` runs.
@@ -31,12 +33,16 @@ from sklearn.metrics import roc_auc_score
 SETS = ("elpv_mono", "elpv_poly", "bsdata", "magnetic_tile", "kolektorsdd", "deeppcb", "brick", "grass", "gravel")
 SEEDS_LABELS = {"_combined": "`image_score: combined`", "_k1": "7 × 7 regions, `map_neighbourhood: 1`"}
 BASELINES = ("padim", "patchcore", "dfm")
+STATS_SETS = ("magnetic_tile", "bsdata", "elpv_mono")  # where the statistics column is read, first present
 LABELS = {
     "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
-    "unaveraged stride-8 map, local score)",
+    "unaveraged stride-8 map and the layout map, local score)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise the default)",
-    "gaussft_default_avg": "GaussFT fine-tuned, averaged heatmap only (`map_detail_levels: []`, the default before)",
-    "gaussft_default_frozen_avg": "GaussFT frozen, averaged heatmap only (`map_detail_levels: []`)",
+    "gaussft_default_r13": "GaussFT fine-tuned, fused heatmap without the layout map (`map_layout: false`, the "
+    "default before)",
+    "gaussft_default_frozen_r13": "GaussFT frozen, `map_layout: false`",
+    "gaussft_default_avg": "GaussFT fine-tuned, averaged heatmap only (`map_detail_levels: []`, `map_layout: false`)",
+    "gaussft_default_frozen_avg": "GaussFT frozen, averaged heatmap only",
     "gaussft_default_combined": "GaussFT fine-tuned, `image_score: combined` (option for unaligned surfaces; "
     "averaged heatmap)",
     "gaussft_default_frozen_combined": "GaussFT frozen, `image_score: combined` (averaged heatmap)",
@@ -181,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             value = rows.get((model, s), {}).get("pixel_auroc")
             bold = value is not None and model == "patchcore"
             cells.append(f"*{fmt(value)}*" if bold else fmt(value))
-        stats = rows.get((model, sets[0]), {}).get("stats_mb")
+        # a set every run of the default has: rows carried over from earlier runs (ELPV) predate later statistics
+        candidates = STATS_SETS if model.startswith("gaussft_default") else ()
+        stats_set = next((s for s in candidates if (model, s) in rows), sets[0])
+        stats = rows.get((model, stats_set), {}).get("stats_mb")
         fit = rows.get((model, "elpv_mono"), {}).get("fit_s")
         lines.append(
             f"| {LABELS[model]} | " + " | ".join(cells) + f" | {stats:.1f} | {fit:.0f} |"
