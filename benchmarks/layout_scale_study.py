@@ -134,6 +134,16 @@ def evaluate(data, seed: int, frac: float) -> dict[str, float]:
     return {name: auroc(labels, score.numpy()) for name, score in rules(terms_of(data, seed, frac)).items()}
 
 
+def generalisation_gap(data, seed: int, frac: float) -> float:
+    """Median layout distance (L5x3) of the held-out normals over that of the images it was fitted on."""
+    fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
+    level, grid, mode = LAYOUTS["L5x3"]
+    fitted, held = grid_distances(
+        data.train, fit_idx, [data.train.take(fit_idx), data.train.take(held_idx)], level, grid, mode
+    )
+    return float(held.median() / fitted.median())
+
+
 def best_baselines(path: Path) -> dict[str, float]:
     """Best image AUROC of PaDiM, PatchCore and DFM per set in a results file."""
     best: dict[str, float] = {}
@@ -191,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         results = evaluate(data, seed, args.held_out)
         record = {"tag": args.tag, "dataset": data.name, "seed": seed, "n_train": len(data.train), "results": results}
+        record["layout_held_over_fit_median"] = generalisation_gap(data, seed, args.held_out)
         record["seconds"] = time.perf_counter() - start
         target.write_text(json.dumps(record, indent=1))
         print(f"{data.name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
