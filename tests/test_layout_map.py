@@ -10,7 +10,7 @@ from anomalib_gaussft import GaussFT
 from anomalib_gaussft.gaussft.feature_samples import LAYOUT_GRID
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
 from anomalib_gaussft.gaussft.layout_map import CELLS, LayoutMap
-from anomalib_gaussft.gaussft.map_fusion import MapFusion
+from anomalib_gaussft.gaussft.map_fusion import TAIL_QUANTILE, MapFusion
 from conftest import TINY_BACKBONE
 
 KWARGS = {"backbone": TINY_BACKBONE, "pre_trained": False, "image_size": 64}
@@ -69,6 +69,29 @@ def test_the_layout_map_adds_only_its_excess_over_its_held_out_tail() -> None:
     torch.testing.assert_close(fusion(averaged, detail, loud.expand(2, 1, 16, 16)), base + 2.0)
     with pytest.raises(ValueError, match="pass every one of these maps"):
         fusion(averaged, detail)
+
+
+def test_the_layout_tail_is_a_gaussian_q99_of_the_held_out_pixels_and_the_other_maps_keep_quantiles() -> None:
+    """Nine values per image make an empirical q99 noisy: the layout map's tail is ``mean + z99 · std``."""
+    generator = torch.Generator().manual_seed(2)
+    averaged = torch.rand(5, 1, 12, 12, generator=generator)
+    detail = torch.rand(5, 1, 12, 12, generator=generator) * 2
+    layout = torch.randn(5, 1, 12, 12, generator=generator).exp()  # heavy upper tail: q99 ≠ mean + 2.33 std
+    fusion = MapFusion(detail=True, layout=True)
+    for a, d, m in zip(averaged.split(2), detail.split(2), layout.split(2), strict=True):
+        fusion.update(a, d, m)
+    fusion.fit()
+    values = layout.double().numpy().ravel()
+    z99 = 2.3263478740  # the standard normal's 99th percentile (TAIL_QUANTILE), from a table
+    assert TAIL_QUANTILE == 0.99
+    assert float(fusion.layout_median) == pytest.approx(values.mean(), rel=1e-5)
+    assert float(fusion.layout_scale) == pytest.approx(z99 * values.std(ddof=1), rel=1e-5)
+    assert float(fusion.layout_scale) != pytest.approx(np.quantile(values, TAIL_QUANTILE) - values.mean(), rel=0.05)
+    median, tail = np.quantile(detail.double().numpy().ravel(), [0.5, TAIL_QUANTILE])
+    assert float(fusion.median[1]) == pytest.approx(median, rel=1e-5)
+    assert float(fusion.scale[1]) == pytest.approx(tail - median, rel=1e-5)
+    names = [name for name, _, _ in fusion.constants]
+    assert names == ["averaged", "detail", "layout"]
 
 
 def test_map_layout_follows_the_image_score_and_refuses_a_score_without_layout() -> None:

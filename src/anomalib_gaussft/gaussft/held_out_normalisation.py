@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .image_score import TERMS
-from .map_fusion import TAIL_QUANTILE
+from .map_fusion import LAYOUT_TAIL_Z, TAIL_QUANTILE
 
 if TYPE_CHECKING:
     from .torch_model import GaussFTModel
@@ -45,8 +45,13 @@ def normalise_on_held_out(
         _fit_score_normalisation(model, torch.cat(terms))
     if fusion is not None:
         fusion.fit()
-        scales = ", ".join(f"{name} median {median:.3g}, scale {scale:.3g}" for name, median, scale in fusion.constants)
-        logger.info("Map fusion from held-out normals (scale = q%g - median): %s.", 100 * TAIL_QUANTILE, scales)
+        scales = ", ".join(f"{name} centre {centre:.3g}, scale {scale:.3g}" for name, centre, scale in fusion.constants)
+        logger.info(
+            "Map fusion from held-out normals (scale = q%g - median; layout map: %.3g std above the mean): %s.",
+            100 * TAIL_QUANTILE,
+            LAYOUT_TAIL_Z,
+            scales,
+        )
     if refit:
         model.fit()
 

@@ -69,8 +69,9 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
             defects one feature position wide that the average dilutes). ``None``: the finest map level when
             ``map_neighbourhood > 1``; ``[]``: no fusion. The image score reads the averaged map either way.
         map_layout: Add the layout term per 3 × 3 cell (how unexpected each cell is given the others) to the
-            anomaly map where it exceeds its held-out normals' 99th percentile: large diffuse defects that the
-            local maps miss. ``None``: on whenever the image score has a layout term ("local", "combined").
+            anomaly map where it exceeds its held-out normals' tail (mean + 2.33 std of their pixels): large
+            diffuse defects that the local maps miss. ``None``: on whenever the image score has a layout term
+            ("local", "combined").
         image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
             normals; ``"combined"``: z(the paper's pooled score) added to them (better on unaligned surfaces,
             worse on aligned parts); ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.

@@ -69,8 +69,8 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         map_neighbourhood: Side of the square neighbourhood averaged at each map position (1 = none).
         map_detail_levels: Levels whose unaveraged map is fused into the anomaly map (per-pixel max on the
             held-out normals' scale); ``None``: the finest map level when ``map_neighbourhood > 1``; ``[]``: none.
-        map_layout: Add the layout term's per-cell map where it exceeds its held-out 99th percentile; ``None``:
-            whenever the image score has a layout term ("local", "combined").
+        map_layout: Add the layout term's per-cell map where it exceeds its held-out tail (mean + 2.33 std of
+            its held-out pixels); ``None``: whenever the image score has a layout term ("local", "combined").
         image_score: ``"local"``, ``"combined"``, ``"gaussian_ad"`` or ``"map_max"``.
         sigma: Blur of the anomaly map in pixels (of the detail map: half of it).
 
