@@ -7,7 +7,7 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/r15/results.jsonl \
+    python benchmarks/results_table.py --results docs/results/r16/results.jsonl \
         --previous _r13=docs/results/r13/results.jsonl --previous _avg=docs/results/r12/results.jsonl \
         --previous _combined=docs/results/c3/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
         --previous _k1=docs/results/results.jsonl \
@@ -36,8 +36,8 @@ BASELINES = ("padim", "patchcore", "dfm")
 STATS_SETS = ("magnetic_tile", "bsdata", "elpv_mono")  # where the statistics column is read, first present
 LABELS = {
     "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
-    "unaveraged stride-8 map and the layout map, local score)",
-    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise the default)",
+    "unaveraged stride-8 map and the layout map, local score; run with the layout map's earlier empirical q99 tail)",
+    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default)",
     "gaussft_default_r13": "GaussFT fine-tuned, fused heatmap without the layout map (`map_layout: false`, the "
     "default before)",
     "gaussft_default_frozen_r13": "GaussFT frozen, `map_layout: false`",
