@@ -92,6 +92,11 @@ def test_the_layout_tail_is_a_gaussian_q99_of_the_held_out_pixels_and_the_other_
     assert float(fusion.scale[1]) == pytest.approx(tail - median, rel=1e-5)
     names = [name for name, _, _ in fusion.constants]
     assert names == ["averaged", "detail", "layout"]
+    single = MapFusion(detail=False, layout=True)  # one pixel of one map: no spread to estimate, still finite
+    single.update(torch.full((1, 1, 1, 1), 2.0), layout=torch.full((1, 1, 1, 1), 3.0))
+    single.fit()
+    assert torch.isfinite(single.layout_scale).all()
+    assert float(single.layout_scale) > 0
 
 
 def test_map_layout_follows_the_image_score_and_refuses_a_score_without_layout() -> None:
