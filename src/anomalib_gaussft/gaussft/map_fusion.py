@@ -100,7 +100,8 @@ class MapFusion(nn.Module):
             layout = pixels[:, maxed:].double()  # moments in float64: millions of pixels
             centre = layout.mean(dim=0)
             self.layout_median.copy_(centre.to(self.layout_median))
-            spread = layout.std(dim=0).nan_to_num(0.0)  # one pixel in all: no spread (NaN), floored below
+            # one pixel in all has no spread (floored below); std of one sample would be NaN with a warning
+            spread = layout.std(dim=0) if len(layout) > 1 else torch.zeros_like(centre)
             self.layout_scale.copy_(_positive(LAYOUT_TAIL_Z * spread, centre).to(self.layout_scale))
         self.reset()
 
