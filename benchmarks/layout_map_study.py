@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
 from anomalib_gaussft.gaussft.map_fusion import LAYOUT_TAIL_Z
 from local_evidence_study import IMAGE, MapConfig, auroc, chunks, held_out_split, pending_runs, separable_blur
-from multiscale_map_study import maps_of, pixel_tail
+from multiscale_map_study import held_pixels, maps_of, pixel_tail
 
 LAYOUT_LEVEL, GRID = 5, 3
 AVERAGED = MapConfig(gaussian="region12", k=3)  # the package's default map
@@ -126,7 +126,7 @@ def evaluate(data, seed: int) -> dict[str, dict[str, float]]:
 
 def mad_tail(held_map: torch.Tensor, test_map: torch.Tensor) -> torch.Tensor:
     """The test map on a robust Gaussian tail: ``(m − median) / (z99 · 1.4826 · MAD)``."""
-    flat = held_map.flatten()[:: max(1, held_map.numel() // 4_000_000)].double()
+    flat = held_pixels(held_map)
     median = torch.quantile(flat, 0.5)
     mad = torch.quantile((flat - median).abs(), 0.5)
     return ((test_map - median) / (LAYOUT_TAIL_Z * 1.4826 * mad)).float()
@@ -138,7 +138,7 @@ def gaussian_tail(held_map: torch.Tensor, test_map: torch.Tensor) -> torch.Tenso
     A map of nine independent cells per image has few distinct tail values; its empirical q99 rests on a handful
     of held-out cells, its mean and std on all of them.
     """
-    flat = held_map.flatten()[:: max(1, held_map.numel() // 4_000_000)].double()
+    flat = held_pixels(held_map)
     return ((test_map - flat.mean()) / (LAYOUT_TAIL_Z * flat.std())).float()
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
 from local_evidence_study import (
     MAP_VARIANTS,
     auroc,
@@ -76,20 +77,27 @@ BASELINES = {"n200": "docs/local_evidence/baselines.jsonl", "full": "docs/result
 
 
 def fixed_shrinkage_distances(train, fit_idx: np.ndarray, split, level: int, grid: int, alpha: float) -> torch.Tensor:
-    """Distances ``(N,)`` of ``split``'s layout vectors under ``(1 − α) S + α μ I`` fitted on ``fit_idx``."""
+    """Distances ``(N,)`` of ``split``'s layout vectors under ``(1 − α) S + α μ I`` fitted on ``fit_idx``.
+
+    The mean and the empirical covariance ``S`` are the package Gaussian's (``StreamingGaussian.fit``); only the
+    shrinkage is fixed instead of Ledoit-Wolf's.
+    """
 
     def vectors(data, index) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(data.maps[level][index], grid).flatten(1).double()
+        return F.adaptive_avg_pool2d(data.maps[level][index], grid).flatten(1)
 
     fit = torch.as_tensor(fit_idx)
-    x = torch.cat([vectors(train, fit[sl]) for sl in chunks(len(fit))])
-    mean, centred = x.mean(0), x - x.mean(0)
-    empirical = centred.T @ centred / len(x)
+    gaussian = StreamingGaussian(1, train.maps[level].shape[1] * grid * grid)
+    for sl in chunks(len(fit)):
+        gaussian.update(vectors(train, fit[sl])[:, None])
+    estimate = gaussian.fit()
+    mean, empirical = estimate["mean"][0], estimate["empirical"][0]
     mu = torch.trace(empirical) / len(empirical)
-    precision = torch.linalg.inv((1 - alpha) * empirical + alpha * mu * torch.eye(len(empirical), dtype=x.dtype))
+    eye = torch.eye(len(empirical), dtype=empirical.dtype)
+    precision = torch.linalg.inv((1 - alpha) * empirical + alpha * mu * eye)
     out = []
     for sl in chunks(len(split)):
-        c = vectors(split, sl) - mean
+        c = vectors(split, sl).double() - mean
         out.append(((c @ precision) * c).sum(1).clamp_min(0).sqrt())
     return torch.cat(out).float()
 

@@ -94,13 +94,18 @@ def position_z(held_map: torch.Tensor, test_map: torch.Tensor) -> torch.Tensor:
     return (test_map - held_map.mean(0)) / held_map.std(0).clamp_min(1e-12)
 
 
+def held_pixels(held_map: torch.Tensor) -> torch.Tensor:
+    """The held-out maps' pixels in float64, evenly thinned to at most 4M (``torch.quantile``'s input limit)."""
+    return held_map.flatten()[:: max(1, held_map.numel() // 4_000_000)].double()
+
+
 def pixel_tail(held_map: torch.Tensor, test_map: torch.Tensor, q: float) -> torch.Tensor:
     """The test map on the held-out normals' upper tail: ``(m - median) / (quantile_q - median)``.
 
     Aligns the maps' false-alarm levels instead of their bulk: a map with a heavier tail on normal pixels (a
     noisier fine map on texture) is scaled down more, so the per-pixel max does not inflate normal pixels.
     """
-    flat = held_map.flatten()[:: max(1, held_map.numel() // 4_000_000)].double()
+    flat = held_pixels(held_map)
     median, tail = torch.quantile(flat, 0.5), torch.quantile(flat, q)
     return ((test_map - median) / (tail - median).clamp_min(1e-12)).float()
 
