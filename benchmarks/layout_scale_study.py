@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -118,11 +119,17 @@ def terms_of(data, seed: int, frac: float) -> dict[str, tuple[torch.Tensor, torc
         (held_d,) = grid_distances(data.train, fit_idx, [held], level, grid, mode)
         (test_d,) = grid_distances(data.train, all_idx, [data.test], level, grid, mode)
         terms[name] = (held_d[:, 0], test_d[:, 0])
+    terms["M"] = map_term(data, fit_idx, held)
+    return terms
+
+
+def map_term(data, fit_idx: np.ndarray, held) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out (map Gaussians fitted on ``fit_idx``) and test (refit on all) scores of the map term M."""
     cfg, _, sigma = MAP_VARIANTS[MAP_VARIANT]
+    all_idx = np.arange(len(data.train))
     held_map = full_map(unit_maps(held, cfg, fit_units(data.train, fit_idx, cfg)), sigma)
     test_map = full_map(unit_maps(data.test, cfg, fit_units(data.train, all_idx, cfg)), sigma)
-    terms["M"] = (topk_mean(held_map, 0.01), topk_mean(test_map, 0.01))
-    return terms
+    return topk_mean(held_map, 0.01), topk_mean(test_map, 0.01)
 
 
 def rules(terms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -187,13 +194,15 @@ def write_table(folder: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_study(argv: list[str] | None, doc: str, default_out: str, record_of: Callable) -> int:
+    """The command line of the layout studies: ``--table`` summarises a folder, otherwise every pending set × seed
+    runs ``record_of(data, seed, held_out_fraction)`` (``{"results": {rule: AUROC}, ...}``) into its result file."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=SETS)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--held-out", type=float, default=0.2)
     parser.add_argument("--cache", default="/work/data/cache/local_evidence")
-    parser.add_argument("--out", default="docs/local_evidence/layout_scales")
+    parser.add_argument("--out", default=default_out)
     parser.add_argument("--tag", default="n200")
     parser.add_argument("--table", help="only write FOLDER/table.md from the results in FOLDER")
     args = parser.parse_args(argv)
@@ -207,13 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for data, seed, target in pending_runs(Path(args.cache), args.datasets, args.seeds, out, args.tag):
         start = time.perf_counter()
-        results = evaluate(data, seed, args.held_out)
-        record = {"tag": args.tag, "dataset": data.name, "seed": seed, "n_train": len(data.train), "results": results}
-        record["layout_held_over_fit_median"] = generalisation_gap(data, seed, args.held_out)
+        fields = record_of(data, seed, args.held_out)
+        record = {"tag": args.tag, "dataset": data.name, "seed": seed, "n_train": len(data.train), **fields}
         record["seconds"] = time.perf_counter() - start
         target.write_text(json.dumps(record, indent=1))
+        results = record["results"]
         print(f"{data.name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
     return 0
+
+
+def record_of(data, seed: int, frac: float) -> dict:
+    """AUROC of every rule and the layout term's held-out/fit distance ratio."""
+    return {"results": evaluate(data, seed, frac), "layout_held_over_fit_median": generalisation_gap(data, seed, frac)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(argv, __doc__, "docs/local_evidence/layout_scales", record_of)
 
 
 if __name__ == "__main__":
