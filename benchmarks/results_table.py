@@ -36,7 +36,7 @@ BASELINES = ("padim", "patchcore", "dfm")
 STATS_SETS = ("magnetic_tile", "bsdata", "elpv_mono")  # where the statistics column is read, first present
 LABELS = {
     "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
-    "unaveraged stride-8 map and the layout map, local score; run with the layout map's earlier empirical q99 tail)",
+    "unaveraged stride-8 map and the layout map, local score)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default)",
     "gaussft_default_r13": "GaussFT fine-tuned, fused heatmap without the layout map (`map_layout: false`, the "
     "default before)",
