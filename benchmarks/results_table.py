@@ -7,14 +7,16 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/r16/results.jsonl \
+    python benchmarks/results_table.py --results docs/results/r18/results.jsonl \
+        --previous _r17=docs/results/r17/results.jsonl \
         --previous _r13=docs/results/r13/results.jsonl --previous _avg=docs/results/r12/results.jsonl \
         --previous _combined=docs/results/c3/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
         --previous _k1=docs/results/results.jsonl \
         --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
 
 ``--previous SUFFIX=PATH``: the rows of an option or an earlier default, shown as rows of their own
-(``_r13``: the fused heatmap without the layout map, ``map_layout: false``; ``_avg``: the averaged heatmap
+(``_r17``: the image score's map term without the layout map's excess, ``score_layout_map: false``, frozen row
+only; ``_r13``: the fused heatmap without the layout map, ``map_layout: false``; ``_avg``: the averaged heatmap
 without the detail map, ``map_detail_levels: []``; ``_combined``:
 ``image_score: combined``, fine-tuned and frozen, run with the averaged heatmap; ``_r7``: 7 × 7 regions; ``_k1``:
 no neighbourhood average either; only the frozen row of the latter two). Tables over held-out seeds follow for
@@ -36,8 +38,12 @@ BASELINES = ("padim", "patchcore", "dfm")
 STATS_SETS = ("magnetic_tile", "bsdata", "elpv_mono")  # where the statistics column is read, first present
 LABELS = {
     "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
-    "unaveraged stride-8 map and the layout map, local score)",
-    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default)",
+    "unaveraged stride-8 map and the layout map, local score; run (r17) before its map term read the layout map's "
+    "excess: image scores of that score, heatmaps of today's)",
+    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default: the map term reads "
+    "the layout map's excess)",
+    "gaussft_default_frozen_r17": "GaussFT frozen, map term without the layout excess (`score_layout_map: false`, "
+    "the default before)",
     "gaussft_default_r13": "GaussFT fine-tuned, fused heatmap without the layout map (`map_layout: false`, the "
     "default before)",
     "gaussft_default_frozen_r13": "GaussFT frozen, `map_layout: false`",

@@ -109,8 +109,11 @@ def test_normalised_score_is_the_sum_of_its_z_scored_terms(image_score: str) -> 
             features = model.extract(images)
             vectors = _adaptive_pool_reference(features[model.layout_level].double().numpy(), 3)
             layout = _mahalanobis_reference(layout_train, vectors)
-            anomaly_map = model.averaged_map(features, images.shape[-2:])
-            top = np.sort(anomaly_map.flatten(1).double().numpy(), axis=1)[:, -math.ceil(0.01 * 64 * 64) :].mean(1)
+            anomaly_map = model.averaged_map(features, images.shape[-2:]).double().numpy()
+            # plus the layout map's excess over its tail (fusion not fitted here: tail at 1, the map's own units)
+            _, layout_map = model.fused_maps(features, images.shape[-2:])
+            anomaly_map = anomaly_map + np.maximum(layout_map.double().numpy() - 1, 0)
+            top = np.sort(anomaly_map.reshape(len(images), -1), axis=1)[:, -math.ceil(0.01 * 64 * 64) :].mean(1)
             if image_score == "local":
                 return np.stack([layout, top], axis=1)
             pooled = sum(
@@ -163,7 +166,9 @@ def test_held_out_normals_fix_the_normalisation_then_join_the_fit(
         reference.fit()
         torch.testing.assert_close(reference.state_dict(), model.model.state_dict(), atol=1e-4, rtol=1e-4)
         if false_alarm_rate is not None:  # the normalisation came from these same Gaussians
-            terms = reference.score_terms(features, reference.averaged_map(features, held.shape[-2:]))
+            size = held.shape[-2:]
+            _, layout = reference.fused_maps(features, size)  # on the fusion scale fitted from these same images
+            terms = reference.score_terms(features, reference.averaged_map(features, size), None, layout)
             torch.testing.assert_close(model.model.score_normalisation.mean, terms.mean(0), atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(model.model.score_normalisation.std, terms.std(0), atol=1e-4, rtol=1e-4)
     assert model.model.score_normalisation.std.gt(0).all()

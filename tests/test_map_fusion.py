@@ -111,16 +111,35 @@ def _fit(root: Path, tmp_path: Path, **kwargs) -> GaussFT:
     return model.eval()
 
 
-def test_fit_scales_the_fusion_on_held_out_normals_and_the_image_score_ignores_it(
+def test_fit_scales_the_fusion_on_held_out_normals_and_only_the_layout_excess_reaches_the_score(
     texture_root: Path, tmp_path: Path
 ) -> None:
     fused = _fit(texture_root, tmp_path / "fused")
+    averaged_only = _fit(texture_root, tmp_path / "averaged", score_layout_map=False)
     plain = _fit(texture_root, tmp_path / "plain", map_detail_levels=[], map_layout=False)
+    assert fused.model.score_layout_map
+    assert not plain.model.score_layout_map
     assert fused.model.map_fusion.median.ne(0).all()
     assert fused.model.map_fusion.scale.ne(1).all()
     assert fused.model.map_fusion.layout_scale.ne(1).all()  # the layout map's tail, from the same held-out pass
-    images = torch.rand(4, 3, 64, 64)
+    images = torch.rand(4, 3, 64, 64) * torch.linspace(0.2, 1.0, 4)[:, None, None, None]
     with torch.no_grad():
-        fused_out, plain_out = fused.model(images), plain.model(images)
-    torch.testing.assert_close(fused_out.pred_score, plain_out.pred_score)  # the score reads the averaged map
+        fused_out, averaged_out, plain_out = fused.model(images), averaged_only.model(images), plain.model(images)
+    torch.testing.assert_close(averaged_out.pred_score, plain_out.pred_score)  # the detail map never reaches it
     assert not torch.allclose(fused_out.anomaly_map, plain_out.anomaly_map)
+    # The default's map term: top 1 % of the averaged map plus the layout map's excess, each on its held-out scale.
+    model, fusion = fused.model, fused.model.map_fusion
+    with torch.no_grad():
+        features = model.extract(images)
+        averaged = model.averaged_map(features, images.shape[-2:]).double().numpy()
+        _, layout = model.fused_maps(features, images.shape[-2:])
+        layout = layout.double().numpy()
+        terms = model.score_terms(features, model.averaged_map(features, images.shape[-2:]))  # the layout term
+    scaled = (averaged - float(fusion.median[0])) / float(fusion.scale[0])
+    excess = np.maximum((layout - float(fusion.layout_median)) / float(fusion.layout_scale) - 1, 0)
+    flat = np.sort((scaled + excess).reshape(4, -1), axis=1)[:, ::-1]
+    top = flat[:, : int(np.ceil(0.01 * flat.shape[1]))].mean(1)
+    mean, std = model.score_normalisation.mean.double().numpy(), model.score_normalisation.std.double().numpy()
+    expected = (terms[:, 0].double().numpy() - mean[0]) / std[0] + (top - mean[1]) / std[1]
+    np.testing.assert_allclose(fused_out.pred_score.double().numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert excess.max() > 0  # the check saw the layout excess at work

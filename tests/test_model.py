@@ -305,3 +305,34 @@ def test_a_checkpoint_from_before_map_layout_is_read_without_the_layout_map() ->
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(current.eval().model(images).anomaly_map, legacy.model(images).anomaly_map)
+
+
+def test_a_checkpoint_from_before_score_layout_map_scores_with_the_averaged_map_alone() -> None:
+    """Checkpoints written before the option existed z-scored the top of the averaged map, without the layout map."""
+    legacy = _fitted(score_layout_map=False)
+    fusion = legacy.model.map_fusion
+    fusion.update(torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64) * 1e-3)
+    fusion.fit()  # a tight layout tail: every test image's layout map exceeds it
+    hyper_parameters = {k: v for k, v in legacy.hparams.items() if k != "score_layout_map"}
+    checkpoint = {"state_dict": legacy.state_dict(), "hyper_parameters": hyper_parameters}
+    current = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)
+    assert current.model.score_layout_map
+    current.on_load_checkpoint(checkpoint)
+    assert not current.model.score_layout_map
+    current.load_state_dict(checkpoint["state_dict"])
+    reading = GaussFT(backbone=TINY_BACKBONE, pre_trained=False, image_size=64)  # the same state, read as today's
+    reading.load_state_dict(checkpoint["state_dict"])
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(current.eval().model(images).pred_score, legacy.model(images).pred_score)
+        assert not torch.allclose(reading.eval().model(images).pred_score, legacy.model(images).pred_score)
+
+
+def test_score_layout_map_needs_a_layout_map() -> None:
+    kwargs = {"backbone": TINY_BACKBONE, "pre_trained": False, "image_size": 64}
+    assert GaussFT(**kwargs).model.score_layout_map
+    assert not GaussFT(**kwargs, map_layout=False).model.score_layout_map
+    with pytest.raises(ValueError, match="score_layout_map=True needs the layout map"):
+        GaussFT(**kwargs, map_layout=False, score_layout_map=True)
+    with pytest.raises(ValueError, match="score_layout_map"):
+        GaussFT(**kwargs, score_layout_map="yes")

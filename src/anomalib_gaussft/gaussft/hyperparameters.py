@@ -77,11 +77,12 @@ STATISTICS_KEYS = (
     "map_neighbourhood",
     "map_detail_levels",
     "map_layout",
+    "score_layout_map",
     "image_score",
 )
 ARCHITECTURE_KEYS = ("backbone", "image_size", *STATISTICS_KEYS)
 # Architecture keys added after checkpoints were first written: the value every older checkpoint was made with.
-ARCHITECTURE_LEGACY = {"map_neighbourhood": 1, "map_detail_levels": [], "map_layout": False}
+ARCHITECTURE_LEGACY = {"map_neighbourhood": 1, "map_detail_levels": [], "map_layout": False, "score_layout_map": False}
 
 DEFAULT_INPUT = ((224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet defaults
 
@@ -116,6 +117,7 @@ RULES: dict[str, tuple[str, Any]] = {
         lambda v: _is_int(v, 1) and v % 2 == 1,
     ),
     "map_layout": ("null, true or false", lambda v: v is None or isinstance(v, bool)),
+    "score_layout_map": ("null, true or false", lambda v: v is None or isinstance(v, bool)),
     "fine_tune_epochs": ("an integer ≥ 0 (0 = the frozen Gaussian AD)", lambda v: _is_int(v, 0)),
     "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "weight_decay": ("a number ≥ 0", lambda v: _is_number(v) and v >= 0),

@@ -72,6 +72,9 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
             anomaly map where it exceeds its held-out normals' tail (mean + 2.33 std of their pixels): large
             diffuse defects that the local maps miss. ``None``: on whenever the image score has a layout term
             ("local", "combined").
+        score_layout_map: The image score's map term reads the averaged map plus the layout map's excess over its
+            tail (both on their held-out scale) instead of the averaged map alone: an image whose layout is unusual
+            in one cell also scores higher on the map term. ``None``: whenever there is a layout map.
         image_score: ``"local"``: z(layout distance) + z(mean of the map's top 1 %), z-scored on held-out
             normals; ``"combined"``: z(the paper's pooled score) added to them (better on unaligned surfaces,
             worse on aligned parts); ``"gaussian_ad"`` (the paper's pooled score) or ``"map_max"``.
@@ -123,6 +126,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_neighbourhood: hp.PositiveInt = 3,
         map_detail_levels: Sequence[hp.NonNegativeInt] | None = None,
         map_layout: bool | None = None,
+        score_layout_map: bool | None = None,
         image_score: hp.ImageScoreName = "local",
         sigma: hp.NonNegativeFloat = 4.0,
         fine_tune_epochs: hp.NonNegativeInt = 6,

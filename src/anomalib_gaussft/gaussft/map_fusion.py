@@ -113,16 +113,24 @@ class MapFusion(nn.Module):
             medians, scales = medians + self.layout_median.tolist(), scales + self.layout_scale.tolist()
         return list(zip(self.names, medians, scales, strict=True))
 
+    def scaled_averaged(self, averaged: torch.Tensor) -> torch.Tensor:
+        """The averaged map on its held-out scale (0: a typical normal pixel, 1: their 99th percentile)."""
+        return (averaged - self.median[0]) / self.scale[0]
+
+    def layout_excess(self, layout: torch.Tensor) -> torch.Tensor:
+        """The layout map's excess over its held-out tail, ``relu(s_layout − 1)``."""
+        return ((layout - self.layout_median) / self.layout_scale - 1).relu()
+
     def forward(
         self, averaged: torch.Tensor, detail: torch.Tensor | None = None, layout: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The fused map ``(N, 1, H, W)``: max of the scaled averaged and detail maps, plus the layout's excess."""
         self._maps(averaged, detail, layout)
-        fused = (averaged - self.median[0]) / self.scale[0]
+        fused = self.scaled_averaged(averaged)
         if self.detail:
             fused = torch.maximum(fused, (detail - self.median[1]) / self.scale[1])
         if self.layout:
-            fused = fused + ((layout - self.layout_median) / self.layout_scale - 1).relu()
+            fused = fused + self.layout_excess(layout)
         return fused
 
 
