@@ -67,7 +67,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         map_detail_levels: Levels whose unaveraged map is fused into the anomaly map: per pixel, the max of the
             averaged and the detail map, each scaled to its held-out normals' median and 99th percentile (keeps
             defects one feature position wide that the average dilutes). ``None``: the finest map level when
-            ``map_neighbourhood > 1``; ``[]``: no fusion. The image score reads the averaged map either way.
+            ``map_neighbourhood > 1``; ``[]``: no fusion. The image score never reads the detail map.
         map_layout: Add the layout term per 3 × 3 cell (how unexpected each cell is given the others) to the
             anomaly map where it exceeds its held-out normals' tail (mean + 2.33 std of their pixels): large
             diffuse defects that the local maps miss. ``None``: on whenever the image score has a layout term

@@ -300,7 +300,7 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         return self.map_fusion is not None
 
     def averaged_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
-        """The map of the neighbourhood-averaged map levels ``(N, 1, H, W)``: what the image score reads."""
+        """The map of the neighbourhood-averaged map levels ``(N, 1, H, W)``: what the image score's map term reads."""
         return self.anomaly_map_generator(self.level_maps(features), image_size)
 
     def detail_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
