@@ -310,18 +310,6 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
             raise ValueError(msg)
         return self.detail_map_generator(self.level_maps(features, detail=True), image_size)
 
-    def anomaly_map(
-        self, features: Features, image_size: tuple[int, int] | torch.Size, averaged: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The output anomaly map ``(N, 1, H, W)``: the averaged map, fused with the detail map when there is one.
-
-        ``averaged``: :meth:`averaged_map` of the same features, when the caller has it already.
-        """
-        averaged = self.averaged_map(features, image_size) if averaged is None else averaged
-        if self.map_fusion is None:
-            return averaged
-        return self.map_fusion(averaged, *self.fused_maps(features, image_size))
-
     def fused_maps(
         self, features: Features, image_size: tuple[int, int] | torch.Size
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -399,7 +387,7 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         ``level_distances``: :meth:`level_distances` of the same features, when the caller has them already.
         """
         averaged = self.averaged_map(features, image_size)
-        detail, layout = self.fused_maps(features, image_size) if self.map_fusion is not None else (None, None)
+        detail, layout = self.fused_maps(features, image_size)  # (None, None) without fusion
         anomaly_map = averaged if self.map_fusion is None else self.map_fusion(averaged, detail, layout)
         if self.normalised_score:  # reads the averaged map and the layout map, not the detail map (costs it, measured)
             pred_score = self.score_normalisation(self.score_terms(features, averaged, level_distances, layout))
