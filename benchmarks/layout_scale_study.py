@@ -194,9 +194,12 @@ def write_table(folder: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def run_study(argv: list[str] | None, doc: str, default_out: str, record_of: Callable) -> int:
-    """The command line of the layout studies: ``--table`` summarises a folder, otherwise every pending set × seed
-    runs ``record_of(data, seed, held_out_fraction)`` (``{"results": {rule: AUROC}, ...}``) into its result file."""
+def run_study(
+    argv: list[str] | None, doc: str, default_out: str, record_of: Callable, table: Callable[[Path], str] = write_table
+) -> int:
+    """The command line of the layout studies: ``--table`` summarises a folder with ``table``, otherwise every
+    pending set × seed runs ``record_of(data, seed, held_out_fraction)`` (``{"results": {rule: AUROC}, ...}``) into
+    its result file."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=SETS)
     parser.add_argument("--seeds", default="0,1,2")
@@ -208,7 +211,7 @@ def run_study(argv: list[str] | None, doc: str, default_out: str, record_of: Cal
     args = parser.parse_args(argv)
     if args.table:
         folder = Path(args.table)
-        (folder / "table.md").write_text(write_table(folder))
+        (folder / "table.md").write_text(table(folder))
         print((folder / "table.md").read_text())
         return 0
     torch.set_num_threads(1)
