@@ -38,8 +38,7 @@ BASELINES = ("padim", "patchcore", "dfm")
 STATS_SETS = ("magnetic_tile", "bsdata", "elpv_mono")  # where the statistics column is read, first present
 LABELS = {
     "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
-    "unaveraged stride-8 map and the layout map, local score; run (r17) before its map term read the layout map's "
-    "excess: image scores of that score, heatmaps of today's)",
+    "unaveraged stride-8 map and the layout map, local score whose map term reads the layout map's excess)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default: the map term reads "
     "the layout map's excess)",
     "gaussft_default_frozen_r17": "GaussFT frozen, map term without the layout excess (`score_layout_map: false`, "
