@@ -34,25 +34,22 @@ scored after the refit on all training images).
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from anomalib_gaussft.gaussft.gaussian import StreamingGaussian, ledoit_wolf_from_moments, robust_cholesky
-from layout_map_study import AVERAGED, DETAIL, cell_maps, fit_layout, gaussian_tail, image_distances, to_image
-from layout_scale_study import run_study
+from anomalib_gaussft.gaussft.gaussian import ledoit_wolf_from_moments, robust_cholesky
+from layout_map_study import AVERAGED, DETAIL, held_out_protocol
+from layout_scale_study import mean_std_table, run_study, seed_runs
 from local_evidence_study import (
     MapConfig,
-    Split,
     UnitScorer,
     auroc,
-    chunks,
+    fit_units,
     full_map,
-    held_out_split,
     topk_mean,
-    unit_features,
     unit_maps,
     zscore,
 )
@@ -78,8 +75,9 @@ def entry_variance_sum(acc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return (fourth / n - (empirical * empirical).sum((-2, -1))) / n, fourth
 
 
-def fit_towards(g: StreamingGaussian, target: str) -> None:
-    """Fit ``g`` (accumulated) with its covariances shrunk towards ``target`` (see the module docstring)."""
+def fit_towards(scorer: UnitScorer, target: str) -> None:
+    """Fit the scorer's Gaussian (accumulated) with its covariances shrunk towards ``target`` (module docstring)."""
+    g = scorer.g
     acc = g.accumulators()
     moments = {k: v for k, v in acc.items() if k != "shift"}
     mean, empirical, shrunk, shrinkage = ledoit_wolf_from_moments(**moments)
@@ -117,42 +115,21 @@ def fit_towards(g: StreamingGaussian, target: str) -> None:
     g.reset()
 
 
-def fit_units(train: Split, fit_idx: np.ndarray, cfg: MapConfig, target: str) -> list[UnitScorer]:
-    """``local_evidence_study.fit_units`` with the covariance target swapped."""
-    fit_split = train.take(fit_idx)
-    scorers: list[UnitScorer] | None = None
-    for sl in chunks(len(fit_split)):
-        feats = unit_features(fit_split, cfg, sl)
-        if scorers is None:
-            scorers = [UnitScorer(f.shape[1], f.shape[-2], f.shape[-1], cfg.gaussian, cfg.score) for f in feats]
-        for scorer, f in zip(scorers, feats, strict=True):
-            scorer.update(f)
-    assert scorers is not None
-    for scorer in scorers:
-        fit_towards(scorer.g, target)
-    return scorers
-
-
 def maps_of(data, cfg: MapConfig, fit_idx: np.ndarray, held, target: str, sigma: float = 4.0):
     """(held-out maps from the 80 % fit, test maps from the refit on all training images), 224 px, blurred."""
-    fitted = fit_units(data.train, fit_idx, cfg, target)
+    fit_scorer = partial(fit_towards, target=target)
+    fitted = fit_units(data.train, fit_idx, cfg, fit_scorer)
     held_map = full_map(unit_maps(held, cfg, fitted), sigma)
     alphas = [getattr(s.g, "alpha_mean", float("nan")) for s in fitted]
-    refitted = fit_units(data.train, np.arange(len(data.train)), cfg, target)
+    refitted = fit_units(data.train, np.arange(len(data.train)), cfg, fit_scorer)
     return held_map, full_map(unit_maps(data.test, cfg, refitted), sigma), alphas
 
 
 def record_of(data, seed: int, frac: float) -> dict:
     """Pixel and image AUROC of every covariance target."""
-    fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
-    held = data.train.take(held_idx)
-    mean_fit, cov_fit = fit_layout(data.train, fit_idx)
-    mean_all, cov_all = fit_layout(data.train, np.arange(len(data.train)))
-    layout_held = to_image(cell_maps(held, mean_fit, cov_fit, "cond"))
-    layout_test = to_image(cell_maps(data.test, mean_all, cov_all, "cond"))
-    excess_held = (gaussian_tail(layout_held, layout_held) - 1).relu()
-    excess_test = (gaussian_tail(layout_held, layout_test) - 1).relu()
-    layout_h, layout_t = image_distances(held, mean_fit, cov_fit).float(), image_distances(data.test, mean_all, cov_all)
+    fit_idx, held, layout = held_out_protocol(data, seed, frac)
+    excess_held, excess_test = layout["excess"]
+    layout_h, layout_t = layout["distance"]
     labels = np.asarray(data.labels)
     masks = None if data.masks is None else data.masks.numpy()
     results, alphas = {}, {}
@@ -162,7 +139,7 @@ def record_of(data, seed: int, frac: float) -> dict:
         m_test = topk_mean(pixel_tail(avg_h, avg_t, 0.99) + excess_test, 0.01)
         results[f"{target}: image, M'"] = auroc(labels, m_test.numpy())
         results[f"{target}: image, z(L) + z(M')"] = auroc(
-            labels, (zscore(layout_t.float(), layout_h) + zscore(m_test, m_held)).numpy()
+            labels, (zscore(layout_t, layout_h) + zscore(m_test, m_held)).numpy()
         )
         alphas[target] = alpha_avg
         if masks is None:
@@ -175,24 +152,11 @@ def record_of(data, seed: int, frac: float) -> dict:
 
 
 def write_table(folder: Path) -> str:
-    """Markdown: per measure, one row per covariance target, mean ± std over seeds per ``<tag> <set>``."""
-    runs: dict[str, dict[str, list[float]]] = {}
-    for path in sorted(folder.glob("*_seed*.json")):
-        record = json.loads(path.read_text())
-        column = f"{record['dataset']} ({record['n_train']})"
-        for rule, value in record["results"].items():
-            runs.setdefault(rule, {}).setdefault(column, []).append(value)
-    parts = []
-    for measure in ("image, z(L) + z(M')", "image, M'", "pixel, default heatmap", "pixel, averaged map"):
-        rules = [f"{target}: {measure}" for target in TARGETS]
-        columns = list(dict.fromkeys(c for r in rules for c in runs.get(r, {})))
-        lines = [f"| {measure} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-        for rule in rules:
-            cells = [runs[rule].get(c) for c in columns]
-            text = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "–" for v in cells]
-            lines.append(f"| {rule.split(':')[0]} | " + " | ".join(text) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    """Markdown: per measure, one row per covariance target, mean ± std over seeds per set (training images)."""
+    runs = seed_runs(folder, lambda _record, rule: rule, lambda r: f"{r['dataset']} ({r['n_train']})")
+    measures = ("image, z(L) + z(M')", "image, M'", "pixel, default heatmap", "pixel, averaged map")
+    tables = [mean_std_table(m, runs, [f"{t}: {m}" for t in TARGETS], lambda row: row.split(":")[0]) for m in measures]
+    return "\n\n".join(tables) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from layout_map_study import AVERAGED, DETAIL, cell_maps, fit_layout, gaussian_tail, image_distances, to_image
+from layout_map_study import AVERAGED, DETAIL, layout_evidence
 from layout_scale_study import run_study
 from local_evidence_study import auroc, held_out_split, topk_mean, zscore
 from multiscale_map_study import maps_of, pixel_tail
@@ -36,14 +36,8 @@ def record_of(data, seed: int, frac: float) -> dict:
     held = data.train.take(held_idx)
     avg_held, avg_test = maps_of(data, AVERAGED, fit_idx, held)
     det_held, det_test = maps_of(data, DETAIL, fit_idx, held, 2.0)
-    mean_fit, cov_fit = fit_layout(data.train, fit_idx)
-    mean_all, cov_all = fit_layout(data.train, np.arange(len(data.train)))
-    layout_held = to_image(cell_maps(held, mean_fit, cov_fit, "cond"))
-    layout_test = to_image(cell_maps(data.test, mean_all, cov_all, "cond"))
-    excess = {
-        "held": (gaussian_tail(layout_held, layout_held) - 1).relu(),
-        "test": (gaussian_tail(layout_held, layout_test) - 1).relu(),
-    }
+    evidence = layout_evidence(data, fit_idx, held)
+    excess = dict(zip(("held", "test"), evidence["excess"], strict=True))
     s_avg = {"held": pixel_tail(avg_held, avg_held, 0.99), "test": pixel_tail(avg_held, avg_test, 0.99)}
     s_det = {"held": pixel_tail(det_held, det_held, 0.99), "test": pixel_tail(det_held, det_test, 0.99)}
     maps = {
@@ -51,7 +45,7 @@ def record_of(data, seed: int, frac: float) -> dict:
         "M' + detail excess": {k: s_avg[k] + (s_det[k] - 1).relu() + excess[k] for k in ("held", "test")},
         "heatmap": {k: torch.maximum(s_avg[k], s_det[k]) + excess[k] for k in ("held", "test")},
     }
-    layout = (image_distances(held, mean_fit, cov_fit).float(), image_distances(data.test, mean_all, cov_all).float())
+    layout = evidence["distance"]
     labels = np.asarray(data.labels)
     results = {}
     for name, pair in maps.items():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from layout_map_study import AVERAGED, cell_maps, fit_layout, gaussian_tail, image_distances, to_image
+from layout_map_study import AVERAGED, layout_evidence
 from layout_scale_study import run_study
 from local_evidence_study import auroc, held_out_split, topk_mean, zscore
 from multiscale_map_study import maps_of, pixel_tail
@@ -33,16 +33,12 @@ def record_of(data, seed: int, frac: float) -> dict:
     fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
     held = data.train.take(held_idx)
     avg_held, avg_test = maps_of(data, AVERAGED, fit_idx, held)
-    mean_fit, cov_fit = fit_layout(data.train, fit_idx)
-    mean_all, cov_all = fit_layout(data.train, np.arange(len(data.train)))
-    layout_held = to_image(cell_maps(held, mean_fit, cov_fit, "cond"))
-    layout_test = to_image(cell_maps(data.test, mean_all, cov_all, "cond"))
-    excess_held = (gaussian_tail(layout_held, layout_held) - 1).relu()
-    excess_test = (gaussian_tail(layout_held, layout_test) - 1).relu()
+    evidence = layout_evidence(data, fit_idx, held)
+    excess_held, excess_test = evidence["excess"]
     fused_held = pixel_tail(avg_held, avg_held, 0.99) + excess_held
     fused_test = pixel_tail(avg_held, avg_test, 0.99) + excess_test
     terms = {
-        "L": (image_distances(held, mean_fit, cov_fit).float(), image_distances(data.test, mean_all, cov_all).float()),
+        "L": evidence["distance"],
         "M": (topk_mean(avg_held, 0.01), topk_mean(avg_test, 0.01)),
         "M'": (topk_mean(fused_held, 0.01), topk_mean(fused_test, 0.01)),
     }

@@ -139,6 +139,33 @@ def evaluate(data, seed: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def layout_evidence(data, fit_idx: np.ndarray, held) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The layout term's evidence as the package computes it, ``(held-out, test)`` each: ``"excess"``, the layout
+    map's excess over its Gaussian q99 (``relu(s_layout − 1)``, 224 px), and ``"distance"``, the whole layout's
+    Mahalanobis distance L. Held-out images are scored by the fit on ``fit_idx``, test images by the refit on all."""
+    mean_fit, cov_fit = fit_layout(data.train, fit_idx)
+    mean_all, cov_all = fit_layout(data.train, np.arange(len(data.train)))
+    layout_held = to_image(cell_maps(held, mean_fit, cov_fit, "cond"))
+    layout_test = to_image(cell_maps(data.test, mean_all, cov_all, "cond"))
+    return {
+        "excess": (
+            (gaussian_tail(layout_held, layout_held) - 1).relu(),
+            (gaussian_tail(layout_held, layout_test) - 1).relu(),
+        ),
+        "distance": (
+            image_distances(held, mean_fit, cov_fit).float(),
+            image_distances(data.test, mean_all, cov_all).float(),
+        ),
+    }
+
+
+def held_out_protocol(data, seed: int, frac: float) -> tuple[np.ndarray, object, dict]:
+    """The layout studies' split (``fit_idx`` and the held-out images) and the layout term's evidence on it."""
+    fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
+    held = data.train.take(held_idx)
+    return fit_idx, held, layout_evidence(data, fit_idx, held)
+
+
 def image_distances(split, mean: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
     """``(N,)`` Mahalanobis distance of every image's whole layout vector (the image score's L)."""
     precision = torch.linalg.inv(covariance)

@@ -194,6 +194,29 @@ def write_table(folder: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def seed_runs(
+    folder: Path, row_of: Callable[[dict, str], str], column_of: Callable[[dict], str]
+) -> dict[str, dict[str, list[float]]]:
+    """Every result of the ``*_seed*.json`` files in ``folder``: ``{row: {column: [value per seed]}}``."""
+    runs: dict[str, dict[str, list[float]]] = {}
+    for path in sorted(folder.glob("*_seed*.json")):
+        record = json.loads(path.read_text())
+        for rule, value in record["results"].items():
+            runs.setdefault(row_of(record, rule), {}).setdefault(column_of(record), []).append(value)
+    return runs
+
+
+def mean_std_table(title: str, runs: dict[str, dict[str, list[float]]], rows: list[str], label: Callable) -> str:
+    """Markdown: one line per row of ``rows`` (named ``label(row)``), mean ± std over seeds per column."""
+    columns = list(dict.fromkeys(c for r in rows for c in runs.get(r, {})))
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = [runs.get(row, {}).get(c) for c in columns]
+        text = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "–" for v in cells]
+        lines.append(f"| {label(row)} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
 def run_study(
     argv: list[str] | None, doc: str, default_out: str, record_of: Callable, table: Callable[[Path], str] = write_table
 ) -> int:

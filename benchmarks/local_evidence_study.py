@@ -45,6 +45,7 @@ import argparse
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -259,7 +260,11 @@ class UnitScorer:
         return self.g.groups * (self.dim + self.dim * self.dim)
 
 
-def fit_units(train: Split, fit_idx: np.ndarray, cfg: MapConfig) -> list[UnitScorer]:
+def fit_units(
+    train: Split, fit_idx: np.ndarray, cfg: MapConfig, fit_scorer: Callable[[UnitScorer], None] = UnitScorer.fit
+) -> list[UnitScorer]:
+    """Map scorers of ``cfg`` fitted on ``train[fit_idx]`` (``fit_scorer`` turns each one's accumulated moments
+    into its Gaussians)."""
     fit_split = train.take(fit_idx)
     scorers: list[UnitScorer] | None = None
     for sl in chunks(len(fit_split)):
@@ -270,7 +275,7 @@ def fit_units(train: Split, fit_idx: np.ndarray, cfg: MapConfig) -> list[UnitSco
             scorer.update(f)
     assert scorers is not None
     for scorer in scorers:
-        scorer.fit()
+        fit_scorer(scorer)
     return scorers
 
 

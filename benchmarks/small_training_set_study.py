@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from layout_map_study import cell_maps, fit_layout, gaussian_tail, image_distances, to_image
-from layout_scale_study import run_study
-from local_evidence_study import MapConfig, auroc, held_out_split, topk_mean, zscore
+from layout_map_study import held_out_protocol
+from layout_scale_study import mean_std_table, run_study, seed_runs
+from local_evidence_study import MapConfig, auroc, topk_mean, zscore
 from multiscale_map_study import maps_of, pixel_tail
 
 REGIONS = (12, 7, 4)
@@ -41,16 +40,9 @@ def record_of(data, seed: int, frac: float) -> dict:
     """Pixel and image AUROC of the default pipeline with every region grid, on a subset of the training images."""
     subset = np.random.default_rng(seed).permutation(len(data.train))[: min(TRAIN_IMAGES, len(data.train))]
     data = dataclasses.replace(data, train=data.train.take(np.sort(subset)))
-    fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
-    held = data.train.take(held_idx)
-    mean_fit, cov_fit = fit_layout(data.train, fit_idx)
-    mean_all, cov_all = fit_layout(data.train, np.arange(len(data.train)))
-    layout_held = to_image(cell_maps(held, mean_fit, cov_fit, "cond"))
-    layout_test = to_image(cell_maps(data.test, mean_all, cov_all, "cond"))
-    excess_held = (gaussian_tail(layout_held, layout_held) - 1).relu()
-    excess_test = (gaussian_tail(layout_held, layout_test) - 1).relu()
-    layout_h = image_distances(held, mean_fit, cov_fit).float()
-    layout_t = image_distances(data.test, mean_all, cov_all).float()
+    fit_idx, held, layout = held_out_protocol(data, seed, frac)
+    excess_held, excess_test = layout["excess"]
+    layout_h, layout_t = layout["distance"]
     labels = np.asarray(data.labels)
     results = {}
     for regions in REGIONS:
@@ -71,24 +63,12 @@ def record_of(data, seed: int, frac: float) -> dict:
 
 def write_table(folder: Path) -> str:
     """Markdown: image and pixel AUROC, mean ± std over subsets, one row per tag × region grid."""
-    runs: dict[str, dict[str, list[float]]] = {}
-    sets: list[str] = []
-    for path in sorted(folder.glob("*_seed*.json")):
-        record = json.loads(path.read_text())
-        sets += [record["dataset"]] if record["dataset"] not in sets else []
-        for rule, value in record["results"].items():
-            runs.setdefault(f"{record['tag']} {rule}", {}).setdefault(record["dataset"], []).append(value)
-    parts = []
-    for measure in ("image", "pixel"):
-        rows = [r for r in runs if r.endswith(measure)]
-        columns = [s for s in sets if any(s in runs[r] for r in rows)]
-        lines = [f"| {measure} AUROC | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-        for row in rows:
-            cells = [runs[row].get(c) for c in columns]
-            text = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "–" for v in cells]
-            lines.append(f"| {row.removesuffix(': ' + measure)} | " + " | ".join(text) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    runs = seed_runs(folder, lambda record, rule: f"{record['tag']} {rule}", lambda record: record["dataset"])
+    tables = [
+        mean_std_table(f"{m} AUROC", runs, [r for r in runs if r.endswith(m)], lambda r, m=m: r.removesuffix(": " + m))
+        for m in ("image", "pixel")
+    ]
+    return "\n\n".join(tables) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
