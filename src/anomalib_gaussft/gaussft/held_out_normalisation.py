@@ -50,7 +50,7 @@ def normalise_on_held_out(
     if second_pass:
         for item in model.iter_features(loader, transform):
             size = item.images.shape[-2:]
-            _, layout = model.fused_maps(item.features, size)
+            layout = model.upsampled_layout_map(item.features, size)  # the score never reads the detail map
             terms.append(model.score_terms(item.features, model.averaged_map(item.features, size), None, layout))
     if model.normalised_score:
         _fit_score_normalisation(model, torch.cat(terms))

@@ -315,11 +315,14 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The maps fused with the averaged one, ``(detail, layout)`` ``(N, 1, H, W)``; ``None`` where absent."""
         detail = self.detail_map(features, image_size) if self.detail_map_generator is not None else None
-        layout = None
-        if self.layout_map is not None:
-            cells = self.layout_map(layout_vector(features[self.layout_level]), self.layout_gaussian)
-            layout = self.anomaly_map_generator([cells], image_size)
-        return detail, layout
+        return detail, self.upsampled_layout_map(features, image_size)
+
+    def upsampled_layout_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor | None:
+        """The layout map's cells upsampled and blurred to ``(N, 1, H, W)``; ``None`` without a layout map."""
+        if self.layout_map is None:
+            return None
+        cells = self.layout_map(layout_vector(features[self.layout_level]), self.layout_gaussian)
+        return self.anomaly_map_generator([cells], image_size)
 
     @property
     def normalised_score(self) -> bool:
