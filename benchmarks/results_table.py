@@ -55,7 +55,7 @@ LABELS = {
     "gaussft_default_frozen_k1": "GaussFT frozen, local score, 7 × 7 regions, no neighbourhood average",
     "gaussft_frozen": "GaussFT before #14 (frozen, shared maps, paper's pooled score)",
     "padim": "PaDiM (blocks 1, 2, 4; 100 dims)",
-    "patchcore": "PatchCore (blocks 2, 4; coreset 2 %)",
+    "patchcore": "PatchCore (blocks 2, 4)",  # the coreset ratio is read from its rows (``patchcore_label``)
     "dfm": "DFM (block 4, PCA 97 %)",
 }
 
@@ -94,6 +94,14 @@ def aligned_scores(ours: Path, theirs: Path) -> tuple[np.ndarray, np.ndarray, np
         msg = f"labels differ between {ours} and {theirs}"
         raise ValueError(msg)
     return b["label"].astype(int), a["score"][idx], b["score"]
+
+
+def patchcore_label(rows: dict[tuple[str, str], dict]) -> str:
+    """PatchCore's row label with the coreset ratio(s) its rows were fitted with."""
+    ratios = sorted(
+        {r["model_kwargs"]["coreset_sampling_ratio"] for (m, _), r in rows.items() if m == "patchcore"}, reverse=True
+    )
+    return f"PatchCore (blocks 2, 4; coreset {' / '.join(f'{100 * x:g} %' for x in ratios)})"
 
 
 def fmt(value: float | None) -> str:
@@ -167,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = ("gaussft_default_frozen", "gaussft_default")  # shown where LABELS names them
         rows.update({(f"{m}{suffix}", d): r for (m, d), r in previous[suffix].items() if m in kept})
     models = [m for m in LABELS if any((m, s) in rows for s in SETS)]
+    labels = {**LABELS, "patchcore": patchcore_label(rows)}
     sets = [s for s in SETS if any((m, s) in rows for m in ("gaussft_default", "gaussft_default_frozen"))]
 
     def ours(s: str) -> dict:
@@ -198,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         stats = rows.get((model, stats_set), {}).get("stats_mb")
         fit = rows.get((model, "elpv_mono"), {}).get("fit_s")
         lines.append(
-            f"| {LABELS[model]} | " + " | ".join(cells) + f" | {stats:.1f} | {fit:.0f} |"
+            f"| {labels[model]} | " + " | ".join(cells) + f" | {stats:.1f} | {fit:.0f} |"
             if stats is not None and fit is not None
-            else f"| {LABELS[model]} | " + " | ".join(cells) + " | – | – |"
+            else f"| {labels[model]} | " + " | ".join(cells) + " | – | – |"
         )
     lines += ["", "Bold: the best baseline's image AUROC; italic: PatchCore's pixel AUROC (the issue's bars).", ""]
     lines += [
