@@ -1,0 +1,164 @@
+"""How much do the held-out constants move the heatmap, and which estimate of them is stable? (issue #14)
+
+The default heatmap is ``max(s_avg, s_det) + relu(s_layout − 1)``: each map on the scale of its held-out normals
+(``(m − median) / (q99 − median)``; the layout map ``(m − mean) / (2.326 · std)``), the held-out 20 % scored by
+Gaussians fitted on the other 80 %. End to end, the frozen default's Magnetic Tile pixel AUROC was 0.823, 0.807 and
+0.801 on held-out seeds 0-2 (200 images; the Gaussians are refitted on all images, so only the constants differ):
+the averaged map's scale ``q99 − median`` was 0.46, 0.80 and 0.66. The q99 of 40 images' pooled pixels is set by
+the few images with the brightest normal structure.
+
+Estimators of the constants, per held-out draw (``seed``):
+
+* ``pooled`` (the package's): quantiles of the pooled pixels of the held-out 20 % (one fold of five);
+* ``per_image``: the median over the held-out images of each image's own median and q99 (the typical normal
+  image's 99th percentile), the layout map's moments as the package's;
+* ``kfold``: every training image scored out of fold (five folds, each scored by Gaussians fitted on the other
+  four), pooled quantiles and moments over all of them; the image score's z-scores too: five times the held-out
+  images for the same fits of moments;
+* ``kfold_per_image``: both.
+
+Reported per set over ``--seeds`` draws: pixel AUROC of the default heatmap and image AUROC of ``z(L) + z(M')``
+(mean, std and worst draw), and the averaged map's scale. Test images are scored by the Gaussians refitted on all
+training images (the same for every draw), as in the other layout studies.
+
+    PYTHONPATH=src:benchmarks python benchmarks/fusion_constants_study.py --tag n200 --seeds 0,1,2,3,4,5,6,7,8,9 \
+        --out docs/local_evidence/fusion_constants
+    python benchmarks/fusion_constants_study.py --table docs/local_evidence/fusion_constants
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomalib_gaussft.gaussft.map_fusion import LAYOUT_TAIL_Z, PIXELS_PER_IMAGE
+from layout_map_study import AVERAGED, DETAIL, cell_maps, fit_layout, image_distances, to_image
+from layout_scale_study import mean_std_table, run_study, seed_runs
+from local_evidence_study import auroc, fit_units, full_map, topk_mean, unit_maps, zscore
+
+FOLDS = 5  # one fold is the package's held-out 20 %
+ESTIMATORS = ("pooled", "per_image", "kfold", "kfold_per_image")
+BLUR = {"averaged": 4.0, "detail": 2.0}  # the package's blur of each map (the detail map: σ / 2)
+
+
+def folds_of(n: int, seed: int) -> list[np.ndarray]:
+    """Five disjoint folds of ``range(n)``; fold 0 is the layout studies' held-out 20 % of this seed."""
+    order = np.random.default_rng(1000 + seed).permutation(n)
+    n_held = max(2, round(0.2 * n))
+    rest = np.array_split(order[n_held:], FOLDS - 1)
+    return [np.sort(order[:n_held]), *(np.sort(r) for r in rest)]
+
+
+def out_of_fold(data, fold: np.ndarray) -> dict[str, torch.Tensor]:
+    """Maps, layout map and L of the images of ``fold`` scored by Gaussians fitted on every other training image."""
+    fit_idx = np.setdiff1d(np.arange(len(data.train)), fold)
+    held = data.train.take(fold)
+    out = {
+        name: full_map(unit_maps(held, cfg, fit_units(data.train, fit_idx, cfg)), BLUR[name])
+        for name, cfg in (("averaged", AVERAGED), ("detail", DETAIL))
+    }
+    mean, covariance = fit_layout(data.train, fit_idx)
+    out["layout"] = to_image(cell_maps(held, mean, covariance, "cond"))
+    out["L"] = image_distances(held, mean, covariance).float()
+    return out
+
+
+_TEST_MAPS: dict[str, dict[str, torch.Tensor]] = {}  # per loaded set: the same for every draw
+
+
+def test_maps(data) -> dict[str, torch.Tensor]:
+    """The test images' maps, layout map and L under the Gaussians fitted on all training images (cached per set)."""
+    if data.name in _TEST_MAPS:
+        return _TEST_MAPS[data.name]
+    _TEST_MAPS.clear()  # one set at a time
+    all_idx = np.arange(len(data.train))
+    out = {
+        name: full_map(unit_maps(data.test, cfg, fit_units(data.train, all_idx, cfg)), BLUR[name])
+        for name, cfg in (("averaged", AVERAGED), ("detail", DETAIL))
+    }
+    mean, covariance = fit_layout(data.train, all_idx)
+    out["layout"] = to_image(cell_maps(data.test, mean, covariance, "cond"))
+    out["L"] = image_distances(data.test, mean, covariance).float()
+    _TEST_MAPS[data.name] = out
+    return out
+
+
+def subsampled(maps: torch.Tensor) -> torch.Tensor:
+    """``(N, P)`` evenly strided pixels of each map, as the package keeps them (``PIXELS_PER_IMAGE``)."""
+    flat = maps.flatten(1)
+    return flat[:, :: max(1, flat.shape[1] // PIXELS_PER_IMAGE)].double()
+
+
+def centre_and_scale(maps: torch.Tensor, per_image: bool) -> tuple[float, float]:
+    """(median, q99 − median) of normal maps: of the pooled pixels, or medians over images of each image's own."""
+    pixels = subsampled(maps)
+    q = torch.tensor([0.5, 0.99], dtype=torch.float64)
+    if per_image:
+        median, tail = torch.quantile(pixels, q, dim=1).median(dim=1).values
+    else:
+        flat = pixels.flatten()
+        median, tail = torch.quantile(flat[:: max(1, len(flat) // 4_000_000)], q)
+    return float(median), float(tail - median)
+
+
+def heatmaps_and_scores(normal: dict[str, torch.Tensor], test: dict[str, torch.Tensor], per_image: bool):
+    """The default heatmap and image score of the test images under constants from the ``normal`` out-of-fold maps."""
+    scaled = {}
+    for name in ("averaged", "detail"):
+        centre, scale = centre_and_scale(normal[name], per_image)
+        scaled[name] = ((normal[name] - centre) / scale, (test[name] - centre) / scale)
+    layout = subsampled(normal["layout"]).flatten()
+    layout_scale = LAYOUT_TAIL_Z * layout.std()
+    excess = [((m - layout.mean()) / layout_scale - 1).relu().float() for m in (normal["layout"], test["layout"])]
+    heatmap = torch.maximum(scaled["averaged"][1], scaled["detail"][1]) + excess[1]
+    m_normal = topk_mean(scaled["averaged"][0] + excess[0], 0.01)
+    m_test = topk_mean(scaled["averaged"][1] + excess[1], 0.01)
+    score = zscore(test["L"], normal["L"]) + zscore(m_test, m_normal)
+    averaged_scale = centre_and_scale(normal["averaged"], per_image)[1]
+    return heatmap, score, averaged_scale
+
+
+def record_of(data, seed: int, frac: float) -> dict:
+    """Pixel and image AUROC, and the averaged map's scale, under every estimator of the constants."""
+    if frac != 0.2:
+        msg = "this study's folds hold out 20 % each"
+        raise ValueError(msg)
+    folds = [out_of_fold(data, fold) for fold in folds_of(len(data.train), seed)]
+    every = {key: torch.cat([f[key] for f in folds]) for key in folds[0]}
+    test = test_maps(data)
+    labels = np.asarray(data.labels)
+    masks = None if data.masks is None else data.masks.numpy()
+    results, scales = {}, {}
+    for estimator in ESTIMATORS:
+        normal = every if estimator.startswith("kfold") else folds[0]
+        heatmap, score, scales[estimator] = heatmaps_and_scores(normal, test, estimator.endswith("per_image"))
+        results[f"{estimator}: image"] = auroc(labels, score.numpy())
+        if masks is not None:
+            results[f"{estimator}: pixel"] = auroc(masks, heatmap.numpy())
+    return {"results": results, "averaged_scale": scales}
+
+
+def write_table(folder: Path) -> str:
+    """Markdown: per measure, one row per estimator, mean ± std over the draws per set; then the worst draw."""
+    runs = seed_runs(folder, lambda _record, rule: rule, lambda r: f"{r['dataset']} ({r['n_train']})")
+    parts = []
+    for measure in ("pixel", "image"):
+        rows = [f"{e}: {measure}" for e in ESTIMATORS]
+        parts.append(mean_std_table(f"{measure} AUROC", runs, rows, lambda row: row.split(":")[0]))
+        columns = list(dict.fromkeys(c for r in rows for c in runs.get(r, {})))
+        lines = [f"| worst draw, {measure} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for row in rows:
+            cells = [f"{min(runs[row][c]):.3f}" if c in runs.get(row, {}) else "–" for c in columns]
+            lines.append(f"| {row.split(':')[0]} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(argv, __doc__, "docs/local_evidence/fusion_constants", record_of, write_table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
