@@ -108,25 +108,44 @@ def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str], config: str) -> list[str]:
-    """Frozen GaussFT over held-out seeds, and fine-tuned minus frozen per seed; ``config`` names the map run."""
-    lines: list[str] = []
-    seeded = [m for m in rows_models(rows) if m.startswith("gaussft_default_frozen_seed")]
-    if seeded:
-        runs = ["gaussft_default_frozen", *sorted(seeded)]
-        lines += [
-            "",
-            f"GaussFT frozen over held-out seeds (`seed` 0-{len(runs) - 1}: which 20 % are held out), image AUROC "
-            f"({config}):",
-            "",
-            "| set | " + " | ".join(f"seed {i}" for i in range(len(runs))) + " | mean ± std |",
-            "|---|" + "---:|" * (len(runs) + 1),
-        ]
-        for s in sets:
-            values = [rows[(m, s)]["image_auroc"] for m in runs if (m, s) in rows]
-            if len(values) == len(runs):
-                spread = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
-                lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {spread} |")
+def over_seeds(
+    rows: dict[tuple[str, str], dict], sets: list[str], base: str, title: str, metric: str = "image_auroc"
+) -> list[str]:
+    """``base`` and its ``base_seed<N>`` runs side by side, with mean ± std, on the sets every run has."""
+    seeded = sorted(m for m in rows_models(rows) if m.startswith(f"{base}_seed"))
+    if not seeded:
+        return []
+    runs = [base, *seeded]
+    lines = [
+        "",
+        title.format(last=len(runs) - 1),
+        "",
+        "| set | " + " | ".join(f"seed {i}" for i in range(len(runs))) + " | mean ± std |",
+        "|---|" + "---:|" * (len(runs) + 1),
+    ]
+    for s in sets:
+        values = [rows[(m, s)].get(metric) for m in runs if (m, s) in rows]
+        if len(values) == len(runs) and None not in values:
+            spread = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+            lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {spread} |")
+    return lines if len(lines) > 5 else []
+
+
+def seed_tables(rows: dict[tuple[str, str], dict], sets: list[str], config: str, pixel: bool = False) -> list[str]:
+    """Frozen GaussFT over held-out seeds, and fine-tuned minus frozen per seed; ``config`` names the map run.
+
+    With ``pixel``, also the pixel AUROC of the frozen and the fine-tuned default over held-out seeds.
+    """
+    lines = over_seeds(
+        rows,
+        sets,
+        "gaussft_default_frozen",
+        f"GaussFT frozen over held-out seeds (`seed` 0-{{last}}: which 20 % are held out), image AUROC ({config}):",
+    )
+    if pixel:
+        for base, name in (("gaussft_default_frozen", "GaussFT frozen"), ("gaussft_default", "GaussFT default")):
+            title = f"{name} over held-out seeds (`seed` 0-{{last}}), pixel AUROC ({config}):"
+            lines += over_seeds(rows, sets, base, title, "pixel_auroc")
     pairs = [("gaussft_default", "gaussft_default_frozen", 0)]
     pairs += [
         (m, m.replace("gaussft_default_seed", "gaussft_default_frozen_seed"), int(m.rsplit("seed", 1)[1]))
@@ -166,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", type=Path, default=Path("docs/local_evidence/baselines.jsonl"))
     parser.add_argument("--seeds-from", default="_combined", help="the --previous SUFFIX whose seed tables follow")
     parser.add_argument("--out", type=Path, default=Path("docs/results/table.md"))
+    parser.add_argument("--pixel-seeds", action="store_true", help="also tables of pixel AUROC over held-out seeds")
     args = parser.parse_args(argv)
     rows = {**load_rows(args.baselines), **load_rows(args.results)}
     previous: dict[str, dict[tuple[str, str], dict]] = {}
@@ -234,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         patchcore = rows.get(("patchcore", s), {}).get("pixel_auroc")  # PatchCore did not run on every set
         pixel_cell = f"{pixel - patchcore:+.3f}" if pixel is not None and patchcore is not None else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
-    lines += seed_tables(rows, sets, "the default")
+    lines += seed_tables(rows, sets, "the default", args.pixel_seeds)
     if args.seeds_from in previous:
         lines += seed_tables(previous[args.seeds_from], sets, SEEDS_LABELS.get(args.seeds_from, args.seeds_from))
     args.out.parent.mkdir(parents=True, exist_ok=True)
