@@ -20,16 +20,14 @@ Protocol of the layout studies (20 % held out fix the tails and the z-scores wit
 
 from __future__ import annotations
 
-import numpy as np
-
 from layout_map_study import AVERAGED, layout_evidence
-from layout_scale_study import run_study
-from local_evidence_study import auroc, held_out_split, topk_mean, zscore
+from layout_scale_study import auroc_record, run_study
+from local_evidence_study import held_out_split, topk_mean, zscore
 from multiscale_map_study import maps_of, pixel_tail
 
 
-def record_of(data, seed: int, frac: float) -> dict:
-    """AUROC of L, M, M' and the two sums."""
+def terms_of(data, seed: int, frac: float) -> tuple[dict[str, tuple], tuple, tuple]:
+    """(held-out, test) scores of L, M and M', and the averaged map and the layout excess they were read from."""
     fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
     held = data.train.take(held_idx)
     avg_held, avg_test = maps_of(data, AVERAGED, fit_idx, held)
@@ -42,12 +40,17 @@ def record_of(data, seed: int, frac: float) -> dict:
         "M": (topk_mean(avg_held, 0.01), topk_mean(avg_test, 0.01)),
         "M'": (topk_mean(fused_held, 0.01), topk_mean(fused_test, 0.01)),
     }
+    return terms, (avg_held, avg_test), evidence["excess"]
+
+
+def record_of(data, seed: int, frac: float) -> dict:
+    """AUROC of L, M, M' and the two sums."""
+    terms, _, _ = terms_of(data, seed, frac)
     z = {name: zscore(test, held_scores) for name, (held_scores, test) in terms.items()}
     scores = {name: test for name, (_held, test) in terms.items()}
     scores["L + M (default)"] = z["L"] + z["M"]
     scores["L + M'"] = z["L"] + z["M'"]
-    labels = np.asarray(data.labels)
-    return {"results": {name: auroc(labels, score.numpy()) for name, score in scores.items()}}
+    return auroc_record(data, scores)
 
 
 def main(argv: list[str] | None = None) -> int:

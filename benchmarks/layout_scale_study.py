@@ -159,6 +159,12 @@ def generalisation_gap(data, seed: int, frac: float) -> float:
     return float(held.median() / fitted.median())
 
 
+def auroc_record(data, scores: dict[str, torch.Tensor]) -> dict:
+    """The study record of a set's test scores: ``{"results": {rule: image AUROC}}``."""
+    labels = np.asarray(data.labels)
+    return {"results": {name: auroc(labels, score.numpy()) for name, score in scores.items()}}
+
+
 def best_baselines(path: Path) -> dict[str, float]:
     """Best image AUROC of PaDiM, PatchCore and DFM per set in a results file."""
     best: dict[str, float] = {}

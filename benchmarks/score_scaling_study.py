@@ -26,13 +26,11 @@ Protocol of the layout studies (20 % held out fix the z-scores and the map tails
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from layout_map_study import AVERAGED, layout_evidence
-from layout_scale_study import run_study
-from local_evidence_study import auroc, held_out_split, topk_mean, zscore
-from multiscale_map_study import maps_of, pixel_tail
+from layout_excess_score_study import terms_of
+from layout_scale_study import auroc_record, run_study
+from local_evidence_study import topk_mean, zscore
 
 PIXEL_SAMPLE = 200_000  # held-out map pixels read for the q99 of ``M'q``
 
@@ -50,15 +48,8 @@ def log_z(test: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
 
 def record_of(data, seed: int, frac: float) -> dict:
     """AUROC of every way of putting L and the map term on one scale."""
-    fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
-    held = data.train.take(held_idx)
-    avg_held, avg_test = maps_of(data, AVERAGED, fit_idx, held)
-    evidence = layout_evidence(data, fit_idx, held)
-    excess_held, excess_test = evidence["excess"]
-    l_held, l_test = evidence["distance"]
-    m_held, m_test = topk_mean(avg_held, 0.01), topk_mean(avg_test, 0.01)
-    mp_held = topk_mean(pixel_tail(avg_held, avg_held, 0.99) + excess_held, 0.01)
-    mp_test = topk_mean(pixel_tail(avg_held, avg_test, 0.99) + excess_test, 0.01)
+    terms, (avg_held, avg_test), (excess_held, excess_test) = terms_of(data, seed, frac)
+    (l_held, l_test), (m_held, m_test), (mp_held, mp_test) = terms["L"], terms["M"], terms["M'"]
     pixels = avg_held.flatten()
     q99 = torch.quantile(pixels[:: max(1, pixels.numel() // PIXEL_SAMPLE)], 0.99)
     mq_held, mq_test = topk_mean(avg_held / q99 + excess_held, 0.01), topk_mean(avg_test / q99 + excess_test, 0.01)
@@ -70,8 +61,7 @@ def record_of(data, seed: int, frac: float) -> dict:
         "log L + log M'q": log_z(l_test, l_held) + log_z(mq_test, mq_held),
         "L + M' (MAD)": mad_scaled(l_test, l_held) + mad_scaled(mp_test, mp_held),
     }
-    labels = np.asarray(data.labels)
-    return {"results": {name: auroc(labels, score.numpy()) for name, score in scores.items()}}
+    return auroc_record(data, scores)
 
 
 def main(argv: list[str] | None = None) -> int:
