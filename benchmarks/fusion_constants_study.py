@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomalib_gaussft.gaussft.map_fusion import LAYOUT_TAIL_Z, PIXELS_PER_IMAGE
+from anomalib_gaussft.gaussft.map_fusion import LAYOUT_TAIL_Z, MAX_PIXELS, PIXELS_PER_IMAGE
 from layout_map_study import AVERAGED, DETAIL, cell_maps, fit_layout, image_distances, to_image
 from layout_scale_study import mean_std_table, run_study, seed_runs
 from local_evidence_study import auroc, fit_units, full_map, topk_mean, unit_maps, zscore
@@ -51,38 +51,32 @@ def folds_of(n: int, seed: int) -> list[np.ndarray]:
     return [np.sort(order[:n_held]), *(np.sort(r) for r in rest)]
 
 
-def out_of_fold(data, fold: np.ndarray) -> dict[str, torch.Tensor]:
-    """Maps, layout map and L of the images of ``fold`` scored by Gaussians fitted on every other training image."""
-    fit_idx = np.setdiff1d(np.arange(len(data.train)), fold)
-    held = data.train.take(fold)
+def scored(data, fit_idx: np.ndarray, split) -> dict[str, torch.Tensor]:
+    """Maps, layout map and L of the images of ``split`` under Gaussians fitted on ``data.train[fit_idx]``."""
     out = {
-        name: full_map(unit_maps(held, cfg, fit_units(data.train, fit_idx, cfg)), BLUR[name])
+        name: full_map(unit_maps(split, cfg, fit_units(data.train, fit_idx, cfg)), BLUR[name])
         for name, cfg in (("averaged", AVERAGED), ("detail", DETAIL))
     }
     mean, covariance = fit_layout(data.train, fit_idx)
-    out["layout"] = to_image(cell_maps(held, mean, covariance, "cond"))
-    out["L"] = image_distances(held, mean, covariance).float()
+    out["layout"] = to_image(cell_maps(split, mean, covariance, "cond"))
+    out["L"] = image_distances(split, mean, covariance).float()
     return out
+
+
+def out_of_fold(data, fold: np.ndarray) -> dict[str, torch.Tensor]:
+    """The images of ``fold`` scored by Gaussians fitted on every other training image."""
+    return scored(data, np.setdiff1d(np.arange(len(data.train)), fold), data.train.take(fold))
 
 
 _TEST_MAPS: dict[str, dict[str, torch.Tensor]] = {}  # per loaded set: the same for every draw
 
 
 def test_maps(data) -> dict[str, torch.Tensor]:
-    """The test images' maps, layout map and L under the Gaussians fitted on all training images (cached per set)."""
-    if data.name in _TEST_MAPS:
-        return _TEST_MAPS[data.name]
-    _TEST_MAPS.clear()  # one set at a time
-    all_idx = np.arange(len(data.train))
-    out = {
-        name: full_map(unit_maps(data.test, cfg, fit_units(data.train, all_idx, cfg)), BLUR[name])
-        for name, cfg in (("averaged", AVERAGED), ("detail", DETAIL))
-    }
-    mean, covariance = fit_layout(data.train, all_idx)
-    out["layout"] = to_image(cell_maps(data.test, mean, covariance, "cond"))
-    out["L"] = image_distances(data.test, mean, covariance).float()
-    _TEST_MAPS[data.name] = out
-    return out
+    """The test images scored by Gaussians fitted on all training images (cached per set)."""
+    if data.name not in _TEST_MAPS:
+        _TEST_MAPS.clear()  # one set at a time
+        _TEST_MAPS[data.name] = scored(data, np.arange(len(data.train)), data.test)
+    return _TEST_MAPS[data.name]
 
 
 def subsampled(maps: torch.Tensor) -> torch.Tensor:
@@ -99,16 +93,16 @@ def centre_and_scale(maps: torch.Tensor, per_image: bool) -> tuple[float, float]
         median, tail = torch.quantile(pixels, q, dim=1).median(dim=1).values
     else:
         flat = pixels.flatten()
-        median, tail = torch.quantile(flat[:: max(1, len(flat) // 4_000_000)], q)
+        median, tail = torch.quantile(flat[:: -(-len(flat) // MAX_PIXELS)], q)
     return float(median), float(tail - median)
 
 
 def heatmaps_and_scores(normal: dict[str, torch.Tensor], test: dict[str, torch.Tensor], per_image: bool):
     """The default heatmap and image score of the test images under constants from the ``normal`` out-of-fold maps."""
-    scaled = {}
+    scaled, scales = {}, {}
     for name in ("averaged", "detail"):
-        centre, scale = centre_and_scale(normal[name], per_image)
-        scaled[name] = ((normal[name] - centre) / scale, (test[name] - centre) / scale)
+        centre, scales[name] = centre_and_scale(normal[name], per_image)
+        scaled[name] = ((normal[name] - centre) / scales[name], (test[name] - centre) / scales[name])
     layout = subsampled(normal["layout"]).flatten()
     layout_scale = LAYOUT_TAIL_Z * layout.std()
     excess = [((m - layout.mean()) / layout_scale - 1).relu().float() for m in (normal["layout"], test["layout"])]
@@ -116,8 +110,7 @@ def heatmaps_and_scores(normal: dict[str, torch.Tensor], test: dict[str, torch.T
     m_normal = topk_mean(scaled["averaged"][0] + excess[0], 0.01)
     m_test = topk_mean(scaled["averaged"][1] + excess[1], 0.01)
     score = zscore(test["L"], normal["L"]) + zscore(m_test, m_normal)
-    averaged_scale = centre_and_scale(normal["averaged"], per_image)[1]
-    return heatmap, score, averaged_scale
+    return heatmap, score, scales["averaged"]
 
 
 def record_of(data, seed: int, frac: float) -> dict:
