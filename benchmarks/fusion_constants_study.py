@@ -15,7 +15,9 @@ Estimators of the constants, per held-out draw (``seed``):
 * ``kfold``: every training image scored out of fold (five folds, each scored by Gaussians fitted on the other
   four), pooled quantiles and moments over all of them; the image score's z-scores too: five times the held-out
   images for the same fits of moments;
-* ``kfold_per_image``: both.
+* ``kfold_per_image``: both;
+* ``kfold_layout``: only the layout map's moments and the layout term's z-score out of fold over every training
+  image (kept layout vectors suffice: no second pass through the backbone), the rest as ``pooled``.
 
 Reported per set over ``--seeds`` draws: pixel AUROC of the default heatmap and image AUROC of ``z(L) + z(M')``
 (mean, std and worst draw), and the averaged map's scale. Test images are scored by the Gaussians refitted on all
@@ -39,7 +41,7 @@ from layout_scale_study import mean_std_table, run_study, seed_runs
 from local_evidence_study import auroc, fit_units, full_map, topk_mean, unit_maps, zscore
 
 FOLDS = 5  # one fold is the package's held-out 20 %
-ESTIMATORS = ("pooled", "per_image", "kfold", "kfold_per_image")
+ESTIMATORS = ("pooled", "per_image", "kfold", "kfold_per_image", "kfold_layout")
 BLUR = {"averaged": 4.0, "detail": 2.0}  # the package's blur of each map (the detail map: σ / 2)
 
 
@@ -97,19 +99,28 @@ def centre_and_scale(maps: torch.Tensor, per_image: bool) -> tuple[float, float]
     return float(median), float(tail - median)
 
 
-def heatmaps_and_scores(normal: dict[str, torch.Tensor], test: dict[str, torch.Tensor], per_image: bool):
-    """The default heatmap and image score of the test images under constants from the ``normal`` out-of-fold maps."""
+def heatmaps_and_scores(
+    normal: dict[str, torch.Tensor],
+    test: dict[str, torch.Tensor],
+    per_image: bool,
+    layout_normal: dict[str, torch.Tensor] | None = None,
+):
+    """The default heatmap and image score of the test images under constants from the ``normal`` out-of-fold maps.
+
+    ``layout_normal``: the out-of-fold layout maps and ``L`` the layout constants come from (default: ``normal``).
+    """
+    layout_normal = normal if layout_normal is None else layout_normal
     scaled, scales = {}, {}
     for name in ("averaged", "detail"):
         centre, scales[name] = centre_and_scale(normal[name], per_image)
         scaled[name] = ((normal[name] - centre) / scales[name], (test[name] - centre) / scales[name])
-    layout = subsampled(normal["layout"]).flatten()
+    layout = subsampled(layout_normal["layout"]).flatten()
     layout_scale = LAYOUT_TAIL_Z * layout.std()
     excess = [((m - layout.mean()) / layout_scale - 1).relu().float() for m in (normal["layout"], test["layout"])]
     heatmap = torch.maximum(scaled["averaged"][1], scaled["detail"][1]) + excess[1]
     m_normal = topk_mean(scaled["averaged"][0] + excess[0], 0.01)
     m_test = topk_mean(scaled["averaged"][1] + excess[1], 0.01)
-    score = zscore(test["L"], normal["L"]) + zscore(m_test, m_normal)
+    score = zscore(test["L"], layout_normal["L"]) + zscore(m_test, m_normal)
     return heatmap, score, scales["averaged"]
 
 
@@ -125,8 +136,11 @@ def record_of(data, seed: int, frac: float) -> dict:
     masks = None if data.masks is None else data.masks.numpy()
     results, scales = {}, {}
     for estimator in ESTIMATORS:
-        normal = every if estimator.startswith("kfold") else folds[0]
-        heatmap, score, scales[estimator] = heatmaps_and_scores(normal, test, estimator.endswith("per_image"))
+        normal = every if estimator in ("kfold", "kfold_per_image") else folds[0]
+        layout_normal = every if estimator == "kfold_layout" else None
+        heatmap, score, scales[estimator] = heatmaps_and_scores(
+            normal, test, estimator.endswith("per_image"), layout_normal
+        )
         results[f"{estimator}: image"] = auroc(labels, score.numpy())
         if masks is not None:
             results[f"{estimator}: pixel"] = auroc(masks, heatmap.numpy())
