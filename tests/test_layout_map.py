@@ -128,3 +128,58 @@ def test_a_fitted_model_lifts_an_out_of_layout_region_in_its_heatmap() -> None:
         _, odd_layout = model.fused_maps(model.extract(odd), (64, 64))
     assert layout.shape == odd_layout.shape == (4, 1, 64, 64)
     assert odd_layout.amax() > layout.amax()
+
+
+def _fitted_fusion(generator: torch.Generator) -> tuple[MapFusion, torch.Tensor, torch.Tensor]:
+    """A fusion fitted on 7 held-out images of different brightness, and their raw averaged and detail maps."""
+    brightness = torch.linspace(0.5, 2.0, 7)[:, None, None, None]
+    averaged = torch.rand(7, 1, 16, 16, generator=generator) * brightness
+    detail = torch.rand(7, 1, 16, 16, generator=generator) * 2 * brightness
+    layout = torch.rand(7, 1, 16, 16, generator=generator)
+    fusion = MapFusion(detail=True, layout=True)
+    fusion.update(averaged[:4], detail[:4], layout[:4])
+    fusion.update(averaged[4:], detail[4:], layout[4:])
+    fusion.fit()
+    return fusion, averaged, detail
+
+
+def test_the_excess_gate_is_the_gaussian_q99_of_the_held_out_images_local_maxima() -> None:
+    fusion, averaged, detail = _fitted_fusion(torch.Generator().manual_seed(3))
+    median, scale = fusion.median.double().numpy(), fusion.scale.double().numpy()
+    local = np.maximum(  # each held-out image's scaled local map, computed apart from the module
+        (averaged.double().numpy() - median[0]) / scale[0], (detail.double().numpy() - median[1]) / scale[1]
+    )
+    peaks = local.reshape(7, -1).max(axis=1)
+    z99 = 2.3263478740
+    assert float(fusion.layout_gate) == pytest.approx(peaks.mean() + z99 * peaks.std(ddof=1), rel=1e-5)
+
+
+def test_the_excess_is_weighted_down_where_the_local_maps_already_fire() -> None:
+    """Whole excess while the image's local peak is at most the gate; 1/k of it when the peak is k times the gate."""
+    fusion, _, _ = _fitted_fusion(torch.Generator().manual_seed(4))
+    gate = float(fusion.layout_gate)
+    quiet_local = torch.full((1, 1, 16, 16), 0.5 * gate)  # scaled local map below the gate everywhere
+    firing_local = quiet_local.clone()
+    firing_local[..., 3, 3] = 4 * gate  # one pixel four times the gate: a defect the local maps found
+    local = torch.cat([quiet_local, firing_local])
+    # raw maps whose scaled values are ``local`` (the detail map stays below it)
+    averaged = local * fusion.scale[0] + fusion.median[0]
+    detail = (local - 1.0) * fusion.scale[1] + fusion.median[1]
+    layout = (fusion.layout_median + 3.0 * fusion.layout_scale).expand(2, 1, 16, 16)  # excess 2 everywhere
+    fused = fusion(averaged, detail, layout)
+    torch.testing.assert_close(fused[0], quiet_local[0] + 2.0)
+    torch.testing.assert_close(fused[1], firing_local[0] + 2.0 / 4)
+    torch.testing.assert_close(fusion.excess_weight(local).flatten(), torch.tensor([1.0, 0.25]))
+
+
+def test_a_checkpoint_from_before_the_gate_keeps_the_whole_excess() -> None:
+    fusion, averaged, detail = _fitted_fusion(torch.Generator().manual_seed(5))
+    old_state = {k: v for k, v in fusion.state_dict().items() if k != "layout_gate"}
+    loaded = MapFusion(detail=True, layout=True)
+    loaded.load_state_dict(old_state)  # strict: the missing gate is filled in, not an error
+    assert torch.isinf(loaded.layout_gate).all()
+    bright_averaged, bright_detail = averaged * 10, detail * 10  # local maps far above the gate
+    layout = (loaded.layout_median + 3.0 * loaded.layout_scale).expand(7, 1, 16, 16)  # excess 2 everywhere
+    local = torch.maximum(loaded.scaled_averaged(bright_averaged), (bright_detail - loaded.median[1]) / loaded.scale[1])
+    torch.testing.assert_close(loaded(bright_averaged, bright_detail, layout), local + 2.0)
+    assert (fusion(bright_averaged, bright_detail, layout) < local + 2.0).all()  # the gated fit adds less
