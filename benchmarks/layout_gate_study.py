@@ -11,8 +11,10 @@ image's largest local-map value and ``τ`` the same statistic's tail on the held
 their image maxima, ``mean + 2.326 · std``, as the layout map's own tail). An image whose local maps stay within
 what normal images show gets the full excess; one whose local map exceeds it k-fold gets 1/k of it. Normal-only:
 τ is one more held-out constant. Variants: τ the held-out maximum, the held-out mean; a hard gate (the excess only
-where ``max h ≤ τ``). The image score is not changed (its map term reads the averaged map and the excess, not the
-detail map); its AUROC is reported for the variant that gates it too, with ``max s_avg``.
+where ``max h ≤ τ``); and, added after the first run, the ratio uncapped but floored at the held-out mean ``μ`` of
+``max h``, ``τ / max(max h, μ)``: up to ``τ / μ`` times the excess where the local maps are as quiet as a typical
+normal image's (the package's default). The image score is not changed (its map term reads the averaged map and
+the excess, not the detail map); its AUROC is reported for the variant that gates it too, with ``max s_avg``.
 
 Protocol of the layout studies (20 % held out fix every constant with Gaussians fitted on the other 80 %; test
 maps from Gaussians refitted on all training images).
@@ -84,6 +86,8 @@ def record_of(data, seed: int, frac: float) -> dict:
     heatmaps = {
         "pixel: h + e (default)": h_t + e_t,
         "pixel: h + e · min(1, τ/max h), τ Gaussian q99": h_t + e_t * soft_gate(max_t, taus["q99"]),
+        "pixel: h + e · τ/max(max h, μ), τ Gaussian q99, μ held-out mean": h_t
+        + e_t * (taus["q99"] / max_t.clamp_min(taus["mean"]))[:, None, None],
         "pixel: h + e · min(1, τ/max h), τ held-out max": h_t + e_t * soft_gate(max_t, taus["max"]),
         "pixel: h + e · min(1, τ/max h), τ held-out mean": h_t + e_t * soft_gate(max_t, taus["mean"]),
         "pixel: h + e · [max h ≤ τ], τ Gaussian q99": h_t + e_t * (max_t <= taus["q99"]).float()[:, None, None],

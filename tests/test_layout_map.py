@@ -65,8 +65,9 @@ def test_the_layout_map_adds_only_its_excess_over_its_held_out_tail() -> None:
     base = without(averaged, detail)
     quiet = fusion.layout_median + 0.5 * fusion.layout_scale  # below the tail everywhere: adds nothing
     torch.testing.assert_close(fusion(averaged, detail, quiet.expand(2, 1, 16, 16)), base)
-    loud = fusion.layout_median + 3.0 * fusion.layout_scale  # scaled 3: adds 2
-    torch.testing.assert_close(fusion(averaged, detail, loud.expand(2, 1, 16, 16)), base + 2.0)
+    loud = fusion.layout_median + 3.0 * fusion.layout_scale  # scaled 3: adds 2, times the image's excess weight
+    weighted = base + 2.0 * fusion.excess_weight(base)  # the weight itself: the tests below
+    torch.testing.assert_close(fusion(averaged, detail, loud.expand(2, 1, 16, 16)), weighted)
     with pytest.raises(ValueError, match="pass every one of these maps"):
         fusion(averaged, detail)
 
@@ -143,7 +144,7 @@ def _fitted_fusion(generator: torch.Generator) -> tuple[MapFusion, torch.Tensor,
     return fusion, averaged, detail
 
 
-def test_the_excess_gate_is_the_gaussian_q99_of_the_held_out_images_local_maxima() -> None:
+def test_the_excess_weight_constants_are_the_mean_and_gaussian_q99_of_the_held_out_local_peaks() -> None:
     fusion, averaged, detail = _fitted_fusion(torch.Generator().manual_seed(3))
     median, scale = fusion.median.double().numpy(), fusion.scale.double().numpy()
     local = np.maximum(  # each held-out image's scaled local map, computed apart from the module
@@ -151,33 +152,37 @@ def test_the_excess_gate_is_the_gaussian_q99_of_the_held_out_images_local_maxima
     )
     peaks = local.reshape(7, -1).max(axis=1)
     z99 = 2.3263478740
-    assert float(fusion.layout_gate) == pytest.approx(peaks.mean() + z99 * peaks.std(ddof=1), rel=1e-5)
+    tail = peaks.mean() + z99 * peaks.std(ddof=1)
+    assert float(fusion.layout_gate) == pytest.approx(tail, rel=1e-5)
+    assert float(fusion.layout_weight_cap) == pytest.approx(tail / peaks.mean(), rel=1e-5)
 
 
-def test_the_excess_is_weighted_down_where_the_local_maps_already_fire() -> None:
-    """Whole excess while the image's local peak is at most the gate; 1/k of it when the peak is k times the gate."""
+def test_the_excess_weight_is_the_tail_over_the_local_peak_floored_at_the_typical_peak() -> None:
+    """``τ / max(peak, μ)``: ``τ / μ`` for a quiet image, 1/4 when the local maps peak at 4 τ."""
     fusion, _, _ = _fitted_fusion(torch.Generator().manual_seed(4))
-    gate = float(fusion.layout_gate)
-    quiet_local = torch.full((1, 1, 16, 16), 0.5 * gate)  # scaled local map below the gate everywhere
-    firing_local = quiet_local.clone()
-    firing_local[..., 3, 3] = 4 * gate  # one pixel four times the gate: a defect the local maps found
-    local = torch.cat([quiet_local, firing_local])
+    tail = float(fusion.layout_gate)
+    typical = tail / float(fusion.layout_weight_cap)
+    assert 0 < typical < tail
+    peaks = torch.tensor([0.5 * typical, 1.5 * typical, 4 * tail])
+    local = torch.full((3, 1, 16, 16), 0.1 * typical)
+    local[:, 0, 3, 3] = peaks  # each image's peak
     # raw maps whose scaled values are ``local`` (the detail map stays below it)
     averaged = local * fusion.scale[0] + fusion.median[0]
     detail = (local - 1.0) * fusion.scale[1] + fusion.median[1]
-    layout = (fusion.layout_median + 3.0 * fusion.layout_scale).expand(2, 1, 16, 16)  # excess 2 everywhere
-    fused = fusion(averaged, detail, layout)
-    torch.testing.assert_close(fused[0], quiet_local[0] + 2.0)
-    torch.testing.assert_close(fused[1], firing_local[0] + 2.0 / 4)
-    torch.testing.assert_close(fusion.excess_weight(local).flatten(), torch.tensor([1.0, 0.25]))
+    layout = (fusion.layout_median + 3.0 * fusion.layout_scale).expand(3, 1, 16, 16)  # excess 2 everywhere
+    expected = torch.tensor([tail / typical, tail / (1.5 * typical), 0.25])
+    torch.testing.assert_close(fusion.excess_weight(local).flatten(), expected)
+    torch.testing.assert_close(fusion(averaged, detail, layout), local + 2.0 * expected[:, None, None, None])
 
 
-def test_a_checkpoint_from_before_the_gate_keeps_the_whole_excess() -> None:
+def test_a_checkpoint_from_before_the_excess_weight_keeps_the_whole_excess() -> None:
     fusion, averaged, detail = _fitted_fusion(torch.Generator().manual_seed(5))
-    old_state = {k: v for k, v in fusion.state_dict().items() if k != "layout_gate"}
+    new_keys = ("layout_gate", "layout_weight_cap")
+    old_state = {k: v for k, v in fusion.state_dict().items() if k not in new_keys}
     loaded = MapFusion(detail=True, layout=True)
-    loaded.load_state_dict(old_state)  # strict: the missing gate is filled in, not an error
+    loaded.load_state_dict(old_state)  # strict: the missing constants are filled in, not an error
     assert torch.isinf(loaded.layout_gate).all()
+    assert float(loaded.layout_weight_cap) == 1.0
     bright_averaged, bright_detail = averaged * 10, detail * 10  # local maps far above the gate
     layout = (loaded.layout_median + 3.0 * loaded.layout_scale).expand(7, 1, 16, 16)  # excess 2 everywhere
     local = torch.maximum(loaded.scaled_averaged(bright_averaged), (bright_detail - loaded.median[1]) / loaded.scale[1])

@@ -62,7 +62,8 @@ def _fit_map_fusion(fusion: MapFusion) -> None:
     fusion.fit()
     scales = ", ".join(f"{name} centre {centre:.3g}, scale {scale:.3g}" for name, centre, scale in fusion.constants)
     if fusion.layout:
-        scales += f"; layout excess weighted by min(1, {float(fusion.layout_gate):.3g} / image max of the local maps)"
+        gate, cap = float(fusion.layout_gate), float(fusion.layout_weight_cap)
+        scales += f"; layout excess weighted by min({cap:.3g}, {gate:.3g} / image max of the local maps)"
     logger.info(
         "Map fusion from held-out normals (scale = q%g - median; layout map: %.3g std above the mean): %s.",
         100 * TAIL_QUANTILE,
