@@ -21,8 +21,9 @@ the scaled averaged and detail maps, and ``μ`` and ``τ = μ + 2.326 σ`` the m
 the held-out images' ``max h``. An image whose local maps peak no higher than a typical normal image's gets ``τ / μ``
 times the excess (1.3-2.5 on the sets measured): the diffuse defect they miss. One whose small defect they find
 k times above ``τ`` gets 1/k of it, so the coarse cell no longer lifts the normal pixels around that defect. Measured
-(docs/local_evidence.md, 3 held-out seeds): BSData +0.003, textures +0.002 to +0.006 pixel AUROC, Magnetic Tile
-+0.004 at 200 training images and +0.018 with all 666; no set loses more than 0.001. No anomaly chooses anything.
+(docs/local_evidence.md, cached features, held-out draws): BSData +0.004, textures +0.002 to +0.006 pixel AUROC,
+Magnetic Tile +0.003 at 200 training images and +0.018 with all 666; no set loses more than 0.001. No anomaly
+chooses anything.
 """
 
 from __future__ import annotations
