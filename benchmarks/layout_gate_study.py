@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from anomalib_gaussft.gaussft.map_fusion import LAYOUT_TAIL_Z
-from layout_map_study import AVERAGED, DETAIL, cell_maps, fit_layout, gaussian_tail, image_distances, to_image
+from layout_map_study import AVERAGED, DETAIL, layout_evidence
 from layout_scale_study import mean_std_table, run_study, seed_runs
 from local_evidence_study import auroc, held_out_split, topk_mean, zscore
 from multiscale_map_study import maps_of, pixel_tail
@@ -55,14 +55,10 @@ def record_of(data, seed: int, frac: float) -> dict:
     held = data.train.take(held_idx)
     avg_h, avg_t = maps_of(data, AVERAGED, fit_idx, held)
     s_avg_h, s_avg_t = pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99)
-    mean_fit, cov_fit = fit_layout(data.train, fit_idx)
-    mean_all, cov_all = fit_layout(data.train, np.arange(len(data.train)))
-    layout_h = to_image(cell_maps(held, mean_fit, cov_fit, "cond"))
-    layout_t = to_image(cell_maps(data.test, mean_all, cov_all, "cond"))
-    e_h, e_t = ((gaussian_tail(layout_h, m) - 1).relu() for m in (layout_h, layout_t))
+    evidence = layout_evidence(data, fit_idx, held)  # the layout excess and L as the package computes them
+    (e_h, e_t), (l_h, l_t) = evidence["excess"], evidence["distance"]
     results = {}
     # image score: z(L) + z(M'), M' = top 1 % of s_avg + excess; gated variant uses max s_avg
-    l_h, l_t = image_distances(held, mean_fit, cov_fit).float(), image_distances(data.test, mean_all, cov_all).float()
     max_avg_h, max_avg_t = image_max(s_avg_h), image_max(s_avg_t)
     tau_avg = max_avg_h.mean() + LAYOUT_TAIL_Z * max_avg_h.std()
     labels = np.asarray(data.labels)

@@ -105,7 +105,8 @@ class MapFusion(nn.Module):
         maps = torch.stack([m.flatten(1) for m in self._maps(averaged, detail, layout)], dim=-1)  # (N, H·W, maps)
         stride = max(1, maps.shape[1] // PIXELS_PER_IMAGE)
         self._pixels.append(maps[:, ::stride].reshape(-1, maps.shape[-1]).float().cpu())
-        self._maxima.append(maps[..., : len(self.median)].amax(dim=1).float().cpu())
+        if self.layout:  # the excess weight's constants: each image's peak of the maxed maps
+            self._maxima.append(maps[..., : len(self.median)].amax(dim=1).float().cpu())
 
     @torch.no_grad()
     def fit(self) -> None:
