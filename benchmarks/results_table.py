@@ -60,13 +60,30 @@ LABELS = {
 }
 
 
-def load_rows(path: Path) -> dict[tuple[str, str], dict]:
+def load_rows(path: Path, suffix: str = "", only: tuple[str, ...] | None = None) -> dict[tuple[str, str], dict]:
+    """Rows of a results file keyed by (model + ``suffix``, set); each remembers where its per-image scores are."""
     rows = {}
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            rows[(row["model"], row["dataset"])] = row
+            if only is None or row["model"] in only:
+                scores = path.parent / "scores" / f"{row['model']}__{row['dataset']}.npz"
+                rows[(row["model"] + suffix, row["dataset"])] = {**row, "scores_file": scores}
     return rows
+
+
+def load_baselines(specs: list[str]) -> tuple[dict[tuple[str, str], dict], list[str]]:
+    """The baseline rows of every ``[SUFFIX=]PATH`` and the names of the models that set the bars.
+
+    A suffixed file adds only its PaDiM / PatchCore / DFM rows, renamed (e.g. ``_2pct=...``: PatchCore at another
+    coreset ratio as ``patchcore_2pct``); the bar is the best of all of them.
+    """
+    rows: dict[tuple[str, str], dict] = {}
+    for spec in specs:
+        suffix, _, path = spec.rpartition("=")
+        rows.update(load_rows(Path(path), suffix, BASELINES if suffix else None))
+    bars = {m for m, _ in rows if m.split("_")[0] in BASELINES}
+    return rows, sorted(bars, key=lambda m: (BASELINES.index(m.split("_")[0]), m))  # ties go to the first
 
 
 def rows_models(rows: dict[tuple[str, str], dict]) -> set[str]:
@@ -96,10 +113,10 @@ def aligned_scores(ours: Path, theirs: Path) -> tuple[np.ndarray, np.ndarray, np
     return b["label"].astype(int), a["score"][idx], b["score"]
 
 
-def patchcore_label(rows: dict[tuple[str, str], dict]) -> str:
-    """PatchCore's row label with the coreset ratio(s) its rows were fitted with."""
+def patchcore_label(rows: dict[tuple[str, str], dict], model: str = "patchcore") -> str:
+    """A PatchCore row's label with the coreset ratio(s) its rows were fitted with."""
     ratios = sorted(
-        {r["model_kwargs"]["coreset_sampling_ratio"] for (m, _), r in rows.items() if m == "patchcore"}, reverse=True
+        {r["model_kwargs"]["coreset_sampling_ratio"] for (m, _), r in rows.items() if m == model}, reverse=True
     )
     return f"PatchCore (blocks 2, 4; coreset {' / '.join(f'{100 * x:g} %' for x in ratios)})"
 
@@ -182,20 +199,30 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SUFFIX=PATH",
         help="frozen rows of an earlier default, e.g. _r7=docs/results/k3/results.jsonl (repeatable)",
     )
-    parser.add_argument("--baselines", type=Path, default=Path("docs/local_evidence/baselines.jsonl"))
+    parser.add_argument(
+        "--baselines",
+        action="append",
+        metavar="[SUFFIX=]PATH",
+        help="baseline rows (repeatable; default docs/local_evidence/baselines.jsonl), e.g. "
+        "_2pct=docs/local_evidence/baselines.jsonl for PatchCore at another coreset ratio beside the first file's",
+    )
     parser.add_argument("--seeds-from", default="_combined", help="the --previous SUFFIX whose seed tables follow")
     parser.add_argument("--out", type=Path, default=Path("docs/results/table.md"))
     parser.add_argument("--pixel-seeds", action="store_true", help="also tables of pixel AUROC over held-out seeds")
     args = parser.parse_args(argv)
-    rows = {**load_rows(args.baselines), **load_rows(args.results)}
+    baselines, bar_models = load_baselines(args.baselines or ["docs/local_evidence/baselines.jsonl"])
+    rows = {**baselines, **load_rows(args.results)}
     previous: dict[str, dict[tuple[str, str], dict]] = {}
     for spec in args.previous:
         suffix, _, path = spec.partition("=")
         previous[suffix] = load_rows(Path(path))
         kept = ("gaussft_default_frozen", "gaussft_default")  # shown where LABELS names them
         rows.update({(f"{m}{suffix}", d): r for (m, d), r in previous[suffix].items() if m in kept})
-    models = [m for m in LABELS if any((m, s) in rows for s in SETS)]
-    labels = {**LABELS, "patchcore": patchcore_label(rows)}
+    patchcores = sorted(m for m in bar_models if m.startswith("patchcore"))
+    labels = {}
+    for model, label in LABELS.items():  # other PatchCore rows right after anomalib's default one
+        labels.update({m: patchcore_label(rows, m) for m in patchcores} if model == "patchcore" else {model: label})
+    models = [m for m in labels if any((m, s) in rows for s in SETS)]
     sets = [s for s in SETS if any((m, s) in rows for m in ("gaussft_default", "gaussft_default_frozen"))]
 
     def ours(s: str) -> dict:
@@ -210,16 +237,19 @@ def main(argv: list[str] | None = None) -> int:
         + " | statistics MiB | fit s (ELPV mono) |",
     ]
     lines.append("|---|" + "---:|" * (len(sets) + len(pixel_sets) + 2))
-    best_image = {s: max(rows[(m, s)]["image_auroc"] for m in BASELINES if (m, s) in rows) for s in sets}
+    best_image = {s: max(rows[(m, s)]["image_auroc"] for m in bar_models if (m, s) in rows) for s in sets}
+    best_pixel = {
+        s: max((rows[(m, s)].get("pixel_auroc") or 0 for m in patchcores if (m, s) in rows), default=None) for s in sets
+    }
     for model in models:
         cells = []
         for s in sets:
             value = rows.get((model, s), {}).get("image_auroc")
-            bold = value is not None and model in BASELINES and value == best_image[s]
+            bold = value is not None and model in bar_models and value == best_image[s]
             cells.append(f"**{fmt(value)}**" if bold else fmt(value))
         for s in pixel_sets:
             value = rows.get((model, s), {}).get("pixel_auroc")
-            bold = value is not None and model == "patchcore"
+            bold = value is not None and value == best_pixel[s] and model in patchcores
             cells.append(f"*{fmt(value)}*" if bold else fmt(value))
         # a set every run of the default has: rows carried over from earlier runs (ELPV) predate later statistics
         candidates = STATS_SETS if model.startswith("gaussft_default") else ()
@@ -231,28 +261,25 @@ def main(argv: list[str] | None = None) -> int:
             if stats is not None and fit is not None
             else f"| {labels[model]} | " + " | ".join(cells) + " | – | – |"
         )
-    lines += ["", "Bold: the best baseline's image AUROC; italic: PatchCore's pixel AUROC (the issue's bars).", ""]
+    lines += ["", "Bold: the best baseline's image AUROC; italic: PatchCore's best pixel AUROC (the issue's bars).", ""]
     lines += [
         "| set | default − best baseline, image AUROC [95 % CI] | frozen − best baseline [95 % CI] | "
         "default − PatchCore, pixel AUROC |",
         "|---|---:|---:|---:|",
     ]
     for s in sets:
-        best = max((m for m in BASELINES if (m, s) in rows), key=lambda m: rows[(m, s)]["image_auroc"])
+        best = max((m for m in bar_models if (m, s) in rows), key=lambda m: rows[(m, s)]["image_auroc"])
         cells = []
         for name in ("gaussft_default", "gaussft_default_frozen"):
             if (name, s) not in rows:
                 cells.append("–")
                 continue
-            labels, a, b = aligned_scores(
-                args.results.parent / "scores" / f"{name}__{s}.npz",
-                args.baselines.parent / "scores" / f"{best}__{s}.npz",
-            )
+            labels, a, b = aligned_scores(rows[(name, s)]["scores_file"], rows[(best, s)]["scores_file"])
             diff, lo, hi = paired_bootstrap(labels, a, b)
             cells.append(f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] ({best})")
         pixel = rows.get(("gaussft_default", s), {}).get("pixel_auroc")
-        patchcore = rows.get(("patchcore", s), {}).get("pixel_auroc")  # PatchCore did not run on every set
-        pixel_cell = f"{pixel - patchcore:+.3f}" if pixel is not None and patchcore is not None else "–"
+        patchcore = best_pixel[s]  # PatchCore did not run on every set
+        pixel_cell = f"{pixel - patchcore:+.3f}" if pixel is not None and patchcore else "–"
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {pixel_cell} |")
     lines += seed_tables(rows, sets, "the default", args.pixel_seeds)
     if args.seeds_from in previous:
