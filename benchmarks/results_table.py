@@ -7,20 +7,23 @@ same training subsets (at most 200 images, compare.py's seeded draw), complete t
 AUROC. For the image AUROC, a paired bootstrap over the test images (2000 resamples, normal and anomalous images
 resampled separately) gives the 95 % interval of default GaussFT minus the best baseline.
 
-    python benchmarks/results_table.py --results docs/results/r18/results.jsonl \
-        --previous _r17=docs/results/r17/results.jsonl \
+    python benchmarks/results_table.py --results docs/results/r19/results.jsonl \
+        --previous _r18=docs/results/r18/results.jsonl --previous _r17=docs/results/r17/results.jsonl \
         --previous _r13=docs/results/r13/results.jsonl --previous _avg=docs/results/r12/results.jsonl \
         --previous _combined=docs/results/c3/results.jsonl --previous _r7=docs/results/k3/results.jsonl \
-        --previous _k1=docs/results/results.jsonl \
-        --baselines docs/local_evidence/baselines.jsonl --out docs/results/table.md
+        --previous _k1=docs/results/results.jsonl --baselines docs/results/r18_pc10/baselines.jsonl \
+        --baselines _2pct=docs/local_evidence/baselines.jsonl --out docs/results/table.md --pixel-seeds
 
-``--previous SUFFIX=PATH``: the rows of an option or an earlier default, shown as rows of their own
-(``_r17``: the image score's map term without the layout map's excess, ``score_layout_map: false``, frozen row
-only; ``_r13``: the fused heatmap without the layout map, ``map_layout: false``; ``_avg``: the averaged heatmap
-without the detail map, ``map_detail_levels: []``; ``_combined``:
-``image_score: combined``, fine-tuned and frozen, run with the averaged heatmap; ``_r7``: 7 × 7 regions; ``_k1``:
-no neighbourhood average either; only the frozen row of the latter two). Tables over held-out seeds follow for
-the default's runs and for the ``--seeds-from`` runs.
+``--baselines [SUFFIX=]PATH`` (repeatable): PaDiM / PatchCore / DFM rows; a suffixed file adds its rows renamed
+(``_2pct``: PatchCore at a 2 % coreset beside the first file's 10 %), and the bar is the best of all of them.
+
+``--previous SUFFIX=PATH``: the rows of an option or an earlier default, shown as rows of their own (``_r18``: the
+layout excess unweighted, the heatmap before r19; ``_r17``: the image score's map term without the layout map's
+excess, ``score_layout_map: false``, frozen row only; ``_r13``: the fused heatmap without the layout map,
+``map_layout: false``; ``_avg``: the averaged heatmap without the detail map, ``map_detail_levels: []``;
+``_combined``: ``image_score: combined``, fine-tuned and frozen, run with the averaged heatmap; ``_r7``: 7 × 7
+regions; ``_k1``: no neighbourhood average either; only the frozen row of the latter two). Tables over held-out
+seeds follow for the default's runs and for the ``--seeds-from`` runs.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ BASELINES = ("padim", "patchcore", "dfm")
 STATS_SETS = ("magnetic_tile", "bsdata", "elpv_mono")  # where the statistics column is read, first present
 LABELS = {
     "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
-    "unaveraged stride-8 map and the layout map, local score whose map term reads the layout map's excess)",
-    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default: the map term reads "
-    "the layout map's excess)",
+    "unaveraged stride-8 map and the layout map's excess, weighted by what the local maps missed; local score whose "
+    "map term reads the layout map's excess)",
+    "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default)",
+    "gaussft_default_r18": "GaussFT fine-tuned, layout excess unweighted (r18, the default before)",
+    "gaussft_default_frozen_r18": "GaussFT frozen, layout excess unweighted (r18)",
     "gaussft_default_frozen_r17": "GaussFT frozen, map term without the layout excess (`score_layout_map: false`, "
     "the default before)",
     "gaussft_default_r13": "GaussFT fine-tuned, fused heatmap without the layout map (`map_layout: false`, the "
