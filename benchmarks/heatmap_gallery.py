@@ -95,7 +95,7 @@ def pixel_auroc(amap: np.ndarray, mask: np.ndarray) -> float | None:
     return common.auroc(mask.reshape(-1).astype(np.int8), amap.reshape(-1))
 
 
-def draw(name: str, outputs: dict[str, dict[str, np.ndarray]], chosen: list[int], out: Path) -> Path:
+def draw(name: str, outputs: dict[str, dict[str, Any]], chosen: list[int], out: Path) -> Path:
     """One figure: the images with their masks, then one row per model."""
     import matplotlib
 
@@ -131,7 +131,10 @@ def draw(name: str, outputs: dict[str, dict[str, np.ndarray]], chosen: list[int]
             ax.set_xlabel(
                 (f"pixel AUROC {auc:.3f}, " if auc is not None else "") + f"score rank {top}/{len(ranks)}", fontsize=7
             )
-        axes[row, 0].set_ylabel(LABELS.get(model, model), fontsize=8)
+        label = LABELS.get(model, model)
+        if model == "patchcore":
+            label += f" ({100 * result['coreset_ratio']:g} % coreset)"
+        axes[row, 0].set_ylabel(label, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -151,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="bsdata,magnetic_tile,kolektorsdd,deeppcb")
     parser.add_argument("--models", default="gaussft_frozen,padim", help="compare.py model names")
+    parser.add_argument("--coreset-ratio", type=float, default=0.02, help="PatchCore's, where it is in --models")
     parser.add_argument("--anomalous", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    specs = compare.model_specs(compare.parse_args(["--models", args.models]))
+    specs = compare.model_specs(
+        compare.parse_args(["--models", args.models, "--coreset-ratio", str(args.coreset_ratio)])
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"backbone": common.BACKBONE, "image_size": common.IMAGE_SIZE, "batch_size": 16}
     for name in args.datasets.split(","):
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as workdir:
                 model, datamodule = fitted(spec, job, Path(workdir))
                 outputs[spec["name"]] = test_outputs(model, datamodule)
+                outputs[spec["name"]]["coreset_ratio"] = spec["kwargs"].get("coreset_sampling_ratio")
             print(f"{name}: {spec['name']} scored {len(outputs[spec['name']]['label'])} test images", flush=True)
         chosen = picks(outputs[specs[0]["name"]]["label"], args.anomalous, args.seed)
         print(f"{name}: wrote {draw(name, outputs, chosen, args.out)}", flush=True)
