@@ -69,14 +69,29 @@ def subsample(datamodule: Any, job: dict[str, Any]) -> int:
     return n_train
 
 
+def fitting_engine(workdir: Path) -> Any:
+    """The jobs' ``Engine``: one CPU device, no logger, progress bar or checkpoint files, no validation pass."""
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
+    from anomalib.engine import Engine
+
+    return Engine(
+        default_root_dir=workdir / "engine",
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=0,  # validation only feeds the post-processor; metrics here use raw outputs
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=workdir / "ckpt", save_top_k=0, save_last=False)],
+    )
+
+
 def run_job(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Fit, evaluate, time and measure one model on one dataset; the result row of ``results.jsonl``."""
     import warnings
 
     import anomalib
     import torch
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
-    from anomalib.engine import Engine
     from lightning import seed_everything
     from lightning.pytorch.trainer.states import TrainerFn
 
@@ -95,16 +110,7 @@ def run_job(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     model = build_model(spec["kind"], {"evaluator": False, "visualizer": False, **spec["kwargs"]})
     rss_before_fit = current_rss_mb()
     peak_before_fit = peak_rss_mb()
-    engine = Engine(
-        default_root_dir=workdir / "engine",
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        limit_val_batches=0,  # validation only feeds the post-processor; metrics here use raw outputs
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=workdir / "ckpt", save_top_k=0, save_last=False)],
-    )
+    engine = fitting_engine(workdir)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_s = time.perf_counter() - start

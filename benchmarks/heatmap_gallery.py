@@ -34,8 +34,6 @@ LABELS = {"gaussft_frozen": "GaussFT (frozen default)", "padim": "PaDiM", "patch
 
 def fitted(spec: dict[str, Any], job: dict[str, Any], workdir: Path) -> tuple[Any, Any]:
     """The model of ``spec`` fitted on the job's training subset, and the job's datamodule."""
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
-    from anomalib.engine import Engine
     from lightning import seed_everything
     from lightning.pytorch.trainer.states import TrainerFn
 
@@ -44,16 +42,7 @@ def fitted(spec: dict[str, Any], job: dict[str, Any], workdir: Path) -> tuple[An
     datamodule.setup(TrainerFn.FITTING)
     compare_job.subsample(datamodule, job)
     model = common.build_model(spec["kind"], {"evaluator": False, "visualizer": False, **spec["kwargs"]})
-    engine = Engine(
-        default_root_dir=workdir,
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=workdir / "ckpt", save_top_k=0, save_last=False)],
-    )
+    engine = compare_job.fitting_engine(workdir)
     engine.fit(model=model, datamodule=datamodule)
     return model, datamodule
 
