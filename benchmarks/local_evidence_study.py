@@ -111,13 +111,16 @@ class SetData:
     test: Split
     labels: np.ndarray
     masks: torch.Tensor | None
+    train_paths: list[str] | None = None  # the cached training images' paths (the package's held-out split reads them)
 
 
 def load_set(cache: Path, name: str) -> SetData:
     record = torch.load(cache / f"{name}.pt", weights_only=False)
     train = Split(record["train"]["pooled"], record["train"]["maps"])
     test = Split(record["test"]["pooled"], record["test"]["maps"])
-    return SetData(name, train, test, record["test"]["labels"].numpy(), record["test"].get("masks"))
+    paths = record["train"].get("paths")
+    labels, masks = record["test"]["labels"].numpy(), record["test"].get("masks")
+    return SetData(name, train, test, labels, masks, None if paths is None else [str(p) for p in paths])
 
 
 def pending_runs(cache: Path, datasets: str, seeds: str, out: Path, tag: str):
