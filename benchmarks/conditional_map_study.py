@@ -26,7 +26,10 @@ cached training paths) instead of the studies' draw: the default row then equals
         --datasets magnetic_tile,bsdata,kolektorsdd,deeppcb,elpv_mono,elpv_poly,brick,grass,gravel \
         --out docs/local_evidence/conditional_map
     PYTHONPATH=src:benchmarks python benchmarks/conditional_map_study.py --tag package --split package \
-        --datasets magnetic_tile,bsdata,kolektorsdd,deeppcb --out docs/local_evidence/conditional_map
+        --datasets magnetic_tile,bsdata,kolektorsdd,deeppcb,elpv_mono,elpv_poly,brick,grass,gravel \
+        --out docs/local_evidence/conditional_map
+    PYTHONPATH=src:benchmarks python benchmarks/conditional_map_study.py --cache /work/data/cache/full --tag full \
+        --datasets magnetic_tile,bsdata,kolektorsdd --out docs/local_evidence/conditional_map
     python benchmarks/conditional_map_study.py --table docs/local_evidence/conditional_map
 """
 
