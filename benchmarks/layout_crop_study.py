@@ -20,7 +20,10 @@ Protocol of the layout studies (20 % held out fix the z-scores with Gaussians fi
 scored by Gaussians refitted on all training images).
 
     PYTHONPATH=src:benchmarks python benchmarks/layout_crop_study.py --tag n200 \\
-        --datasets bsdata,elpv_mono,elpv_poly,magnetic_tile,kolektorsdd,deeppcb --out docs/local_evidence/layout_crop
+        --datasets magnetic_tile,bsdata,kolektorsdd,deeppcb,elpv_mono,elpv_poly,brick,grass,gravel \\
+        --out docs/local_evidence/layout_crop
+    PYTHONPATH=src:benchmarks python benchmarks/layout_crop_study.py --cache /work/data/cache/full --tag full \\
+        --datasets magnetic_tile,bsdata,kolektorsdd,elpv_mono,elpv_poly --out docs/local_evidence/layout_crop
     python benchmarks/layout_crop_study.py --table docs/local_evidence/layout_crop
 """
 
@@ -98,14 +101,15 @@ def record_of(data, seed: int, frac: float) -> dict:
 
 
 def write_table(folder: Path) -> str:
-    """Markdown: image and pixel AUROC (mean ± std over seeds), and seed 0's paired 95 % intervals against no crop."""
-    runs = seed_runs(folder, lambda _record, rule: rule, lambda r: r["dataset"])
+    """Markdown: image and pixel AUROC (mean ± std over seeds), and seed 0's paired 95 % intervals against no crop
+    (200-image runs)."""
+    runs = seed_runs(folder, lambda _record, rule: rule, lambda r: f"{r['dataset']} ({r['n_train']})")
     parts = [
         mean_std_table("image AUROC", runs, [r for r in runs if r.startswith("L")], lambda row: row),
         mean_std_table("pixel AUROC", runs, [r for r in runs if r.startswith("pixel: ")], lambda row: row[7:]),
     ]
     lines = ["| L + M', seed 0: crop − none [95 % CI] | " + " | ".join(CROPS) + " |", "|---|" + "---:|" * len(CROPS)]
-    for path in sorted(folder.glob("*_seed0.json")):
+    for path in sorted(folder.glob("n200_*_seed0.json")):
         record = json.loads(path.read_text())
         labels, scores = np.asarray(record["labels"]), record["scores"]
         base = np.asarray(scores["L + M', none"])
