@@ -130,6 +130,23 @@ def image_max(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).amax(dim=1)
 
 
+def maxed_local_maps(s_avg: tuple, detail: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = max(s_avg, s_det)`` of the held-out and the test images: the scaled averaged maps ``s_avg`` and the
+    detail maps ``(held, test)`` on their held-out tail scale."""
+    det_h, det_t = detail
+    held = torch.maximum(s_avg[0], pixel_tail(det_h, det_h, 0.99))
+    return held, torch.maximum(s_avg[1], pixel_tail(det_h, det_t, 0.99))
+
+
+def fused_heatmap(h_held: torch.Tensor, h_test: torch.Tensor, excess_test: torch.Tensor) -> torch.Tensor:
+    """The package's r19 heatmap of the test images, ``h + e · τ / max(max h, μ)``, with ``μ`` and ``τ`` the mean and
+    Gaussian q99 of the held-out images' ``max h``."""
+    peaks = image_max(h_held)
+    typical = peaks.mean()
+    tau = typical + LAYOUT_TAIL_Z * peaks.std()
+    return h_test + excess_test * (tau / image_max(h_test).clamp_min(typical))[:, None, None]
+
+
 SPLIT = {"held_out": "study"}  # --split: the studies' draw or the package's
 
 
@@ -152,25 +169,23 @@ def record_of(data, seed: int, frac: float) -> dict:
     (e_h, e_t), (l_h, l_t) = evidence["excess"], evidence["distance"]
     labels = np.asarray(data.labels)
     results: dict[str, float] = {}
-    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    averaged: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per (k, g level): variants share maps
+    detail: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (k, g_level, both) in VARIANTS.items():
-        key = (k, g_level)
-        if key not in cache:
+        key = (k, g_level if k else None)
+        if key not in averaged:
             avg_h, avg_t = local_map(data, AVERAGED, fit_idx, held, g_level, k)
-            cache[key] = (pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99))
-        s_avg_h, s_avg_t = cache[key]
+            averaged[key] = (pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99))
+        s_avg_h, s_avg_t = averaged[key]
         m_h, m_t = topk_mean(s_avg_h + e_h, 0.01), topk_mean(s_avg_t + e_t, 0.01)
         results[f"image: {name}"] = auroc(labels, (zscore(l_t, l_h) + zscore(m_t, m_h)).numpy())
         if data.masks is None:
             continue
-        det_h, det_t = local_map(data, DETAIL, fit_idx, held, g_level, k if both else 0)
-        h_h = torch.maximum(s_avg_h, pixel_tail(det_h, det_h, 0.99))
-        h_t = torch.maximum(s_avg_t, pixel_tail(det_h, det_t, 0.99))
-        max_h, max_t = image_max(h_h), image_max(h_t)
-        typical = max_h.mean()
-        tau = typical + LAYOUT_TAIL_Z * max_h.std()
-        heatmap = h_t + e_t * (tau / max_t.clamp_min(typical))[:, None, None]
-        results[f"pixel: {name}"] = auroc(data.masks.numpy(), heatmap.numpy())
+        detail_key = key if both else (0, None)
+        if detail_key not in detail:
+            detail[detail_key] = local_map(data, DETAIL, fit_idx, held, g_level, detail_key[0])
+        h_h, h_t = maxed_local_maps(averaged[key], detail[detail_key])
+        results[f"pixel: {name}"] = auroc(data.masks.numpy(), fused_heatmap(h_h, h_t, e_t).numpy())
         results[f"pixel, averaged map alone: {name}"] = auroc(data.masks.numpy(), s_avg_t.numpy())
     return {"results": results, "split": SPLIT["held_out"]}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomalib_gaussft.gaussft.map_fusion import LAYOUT_TAIL_Z
-from conditional_map_study import AVERAGED, DETAIL, image_max, local_map, split_of
+import conditional_map_study
+from conditional_map_study import AVERAGED, DETAIL, fused_heatmap, local_map, maxed_local_maps, split_of
 from layout_map_study import layout_evidence
 from local_evidence_study import auroc, load_set
 from multiscale_map_study import pixel_tail
@@ -31,14 +31,10 @@ def heatmaps(data, seed: int, k: int) -> dict[str, torch.Tensor]:
     fit_idx, held_idx = split_of(data, seed, 0.2)
     held = data.train.take(held_idx)
     avg_h, avg_t = local_map(data, AVERAGED, fit_idx, held, 8, k)
-    det_h, det_t = local_map(data, DETAIL, fit_idx, held, 8, k)
+    scaled = (pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99))
+    h_h, h_t = maxed_local_maps(scaled, local_map(data, DETAIL, fit_idx, held, 8, k))
     _e_h, e_t = layout_evidence(data, fit_idx, held)["excess"]
-    h_h = torch.maximum(pixel_tail(avg_h, avg_h, 0.99), pixel_tail(det_h, det_h, 0.99))
-    h_t = torch.maximum(pixel_tail(avg_h, avg_t, 0.99), pixel_tail(det_h, det_t, 0.99))
-    max_h = image_max(h_h)
-    tau = max_h.mean() + LAYOUT_TAIL_Z * max_h.std()
-    weight = (tau / image_max(h_t).clamp_min(max_h.mean()))[:, None, None]
-    return {"heatmap": h_t + e_t * weight, "averaged map alone": avg_t}
+    return {"heatmap": fused_heatmap(h_h, h_t, e_t), "averaged map alone": avg_t}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    import conditional_map_study
-
     conditional_map_study.SPLIT["held_out"] = "package"
     data = load_set(Path(args.cache), args.dataset)
-    record = torch.load(Path(args.cache) / f"{args.dataset}.pt", weights_only=False)
-    types = np.array([Path(p).parent.name for p in record["test"]["paths"]])
+    types = np.array([Path(p).parent.name for p in data.test_paths])
     maps = {f"default {name}": m for name, m in heatmaps(data, args.seed, 0).items()}
     maps.update({f"conditioned (k = 8) {name}": m for name, m in heatmaps(data, args.seed, 8).items()})
     masks, normal = data.masks.numpy(), types == "good"

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 import layout_map_study
-from anomalib_gaussft.gaussft.map_fusion import LAYOUT_TAIL_Z
-from conditional_map_study import AVERAGED, DETAIL, image_max, local_map
+from conditional_map_study import AVERAGED, DETAIL, fused_heatmap, local_map, maxed_local_maps
 from layout_scale_study import auroc_record, mean_std_table, run_study, seed_runs
 from local_evidence_study import auroc, held_out_split, topk_mean, zscore
 from multiscale_map_study import pixel_tail
@@ -72,9 +71,7 @@ def record_of(data, seed: int, frac: float) -> dict:
     s_avg_h, s_avg_t = pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99)
     local = None
     if data.masks is not None:
-        det_h, det_t = local_map(data, DETAIL, fit_idx, held, 8, 0)
-        h_h = torch.maximum(s_avg_h, pixel_tail(det_h, det_h, 0.99))
-        local = (h_h, torch.maximum(s_avg_t, pixel_tail(det_h, det_t, 0.99)))
+        local = maxed_local_maps((s_avg_h, s_avg_t), local_map(data, DETAIL, fit_idx, held, 8, 0))
     scores, pixels = {}, {}
     try:
         for name, (rows, cols) in CROPS.items():
@@ -86,10 +83,7 @@ def record_of(data, seed: int, frac: float) -> dict:
             scores[f"L, {name}"] = l_t
             scores[f"L + M', {name}"] = zscore(l_t, l_h) + zscore(m_t, m_h)
             if local is not None:
-                max_h, max_t = image_max(local[0]), image_max(local[1])
-                tau = max_h.mean() + LAYOUT_TAIL_Z * max_h.std()
-                heatmap = local[1] + e_t * (tau / max_t.clamp_min(max_h.mean()))[:, None, None]
-                pixels[f"pixel: {name}"] = auroc(data.masks.numpy(), heatmap.numpy())
+                pixels[f"pixel: {name}"] = auroc(data.masks.numpy(), fused_heatmap(*local, e_t).numpy())
     finally:
         layout_map_study.layout_vectors = PACKAGE_LAYOUT_VECTORS
     record = auroc_record(data, scores)

@@ -112,15 +112,16 @@ class SetData:
     labels: np.ndarray
     masks: torch.Tensor | None
     train_paths: list[str] | None = None  # the cached training images' paths (the package's held-out split reads them)
+    test_paths: list[str] | None = None  # the cached test images' paths (their folder names the defect type)
 
 
 def load_set(cache: Path, name: str) -> SetData:
     record = torch.load(cache / f"{name}.pt", weights_only=False)
     train = Split(record["train"]["pooled"], record["train"]["maps"])
     test = Split(record["test"]["pooled"], record["test"]["maps"])
-    paths = record["train"].get("paths")
+    paths = [None if (p := record[part].get("paths")) is None else [str(x) for x in p] for part in ("train", "test")]
     labels, masks = record["test"]["labels"].numpy(), record["test"].get("masks")
-    return SetData(name, train, test, labels, masks, None if paths is None else [str(p) for p in paths])
+    return SetData(name, train, test, labels, masks, *paths)
 
 
 def pending_runs(cache: Path, datasets: str, seeds: str, out: Path, tag: str):
