@@ -416,19 +416,28 @@ def test_forgetting_auroc_ranks_raw_distances_like_sklearn() -> None:
     assert separation_auroc(normal, normal + 1e4) == 1.0
 
 
-def test_local_loss_is_the_mean_squared_map_plus_the_layout_distance() -> None:
-    """In-sample local loss = Σ_map levels mean(level map²) + mean(layout d²) / D: a reference via the scoring path."""
-    model = _tiny(fine_tune_epochs=1, loss_features="local", loss_gaussian="in_sample").eval()
+@pytest.mark.parametrize("layout_grids", [1, 2])
+def test_local_loss_is_the_mean_squared_map_plus_the_layout_distance(layout_grids: int) -> None:
+    """In-sample local loss = Σ_map levels mean(level map²) + Σ_grids mean(layout d²) / D: a reference via the
+    scoring path (one grid: the score's layout term itself; two: each grid's Gaussian scoring its own vectors)."""
+    model = _tiny(fine_tune_epochs=1, loss_features="local", loss_gaussian="in_sample", layout_grids=layout_grids)
+    model.eval()
     images = torch.rand(12, 3, 64, 64)
     _fit_gaussians(model, images)
     with torch.no_grad():
         features = model.model.extract(images)
         actual = _loss(model, images)
         maps = sum(level_map.square().mean() for level_map in model.model.level_maps(features))
-        layout_column = TERMS[model.model.image_score.value].index("layout")
-        layout_distance = model.model.score_terms(features, torch.zeros(12, 1, 64, 64))[:, layout_column]  # d
-        expected = maps + layout_distance.square().mean() / model.model.layout_gaussian.dim
-    assert set(model.loss.target_shapes) == {"map_3", "map_4", "map_5", "layout"}
+        if layout_grids == 1:
+            layout_column = TERMS[model.model.image_score.value].index("layout")
+            layout_distance = model.model.score_terms(features, torch.zeros(12, 1, 64, 64))[:, layout_column]  # d
+            layout = layout_distance.square().mean() / model.model.layout_gaussian.dim
+        else:
+            grids = zip(model.model.layout_gaussians(), model.model.layout_samples(features), strict=True)
+            layout = sum(g.squared_mahalanobis(v).mean() / g.dim for g, v in grids)
+        expected = maps + layout
+    grid_targets = {"layout"} if layout_grids == 1 else {"layout", "layout_1"}
+    assert set(model.loss.target_shapes) == {"map_3", "map_4", "map_5", *grid_targets}
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -19,6 +19,26 @@ def layout_vector(features: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(features, LAYOUT_GRID).flatten(1).unsqueeze(1)
 
 
+def layout_offset(size: int) -> int:
+    """Positions between the two layout grids along a map side of ``size``: one per 14 (1 for lite0 at 224 px)."""
+    return max(1, round(size / 14)) if size > LAYOUT_GRID else 0
+
+
+def layout_vectors(features: torch.Tensor, grids: int) -> list[torch.Tensor]:
+    """One :func:`layout_vector` per pooling grid of the layout term.
+
+    ``grids`` 1: the whole map. 2: two grids offset by :func:`layout_offset` positions, the map without its last
+    rows and columns and the map without its first ones. Each grid's 3 × 3 cells cut the image elsewhere, so the
+    mean of their evidence depends less on where one grid's cell borders happen to fall (measured in
+    docs/local_evidence.md, "The layout on two offset grids").
+    """
+    if grids == 1:
+        return [layout_vector(features)]
+    h, w = features.shape[-2:]
+    rows, cols = layout_offset(h), layout_offset(w)
+    return [layout_vector(features[..., : h - rows, : w - cols]), layout_vector(features[..., rows:, cols:])]
+
+
 def neighbourhood_average(features: torch.Tensor, size: int) -> torch.Tensor:
     """``(N, C, h, w)`` → the same shape, each position the mean of the ``size × size`` positions around it.
 

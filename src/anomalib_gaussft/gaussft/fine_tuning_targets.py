@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .feature_samples import layout_vector, neighbourhood_average, pooled
+from .feature_samples import neighbourhood_average, pooled
 from .hyperparameters import LossFeatures, MapGaussian
 
 if TYPE_CHECKING:
@@ -23,8 +23,8 @@ class FineTuningTargets:
         if LossFeatures(kind) == LossFeatures.POOLED:
             return {f"pooled_{lvl}": gaussian for lvl, gaussian in self.image_gaussians.items()}
         targets = {f"map_{lvl}": gaussian for lvl, gaussian in self.map_gaussians.items()}
-        if self.layout_gaussian is not None:
-            targets["layout"] = self.layout_gaussian
+        for grid, gaussian in enumerate(self.layout_gaussians()):
+            targets["layout" if grid == 0 else f"layout_{grid}"] = gaussian
         return targets
 
     def loss_levels(self: GaussFTModel, kind: LossFeatures | str) -> list[int]:
@@ -46,5 +46,6 @@ class FineTuningTargets:
             else:
                 samples[f"map_{lvl}"] = self._map_samples(lvl, feats)
         if self.layout_gaussian is not None:
-            samples["layout"] = (layout_vector(features[self.layout_level]), None)
+            for grid, vector in enumerate(self.layout_samples(features)):
+                samples["layout" if grid == 0 else f"layout_{grid}"] = (vector, None)
         return samples

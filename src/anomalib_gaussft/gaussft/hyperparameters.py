@@ -65,6 +65,7 @@ LossDistanceName = Literal["mahalanobis", "euclidean"]
 LossGaussianName = Literal["cross_fit", "in_sample"]
 LossFeaturesName = Literal["pooled", "local"]
 PseudoAnomalyName = Literal["mixup", "cutmix", "cutout", "augmix"]
+LayoutGridCount = Literal[1, 2]
 LrScheduleName = Literal["warmup_cosine", "constant"]
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -79,10 +80,17 @@ STATISTICS_KEYS = (
     "map_layout",
     "score_layout_map",
     "image_score",
+    "layout_grids",
 )
 ARCHITECTURE_KEYS = ("backbone", "image_size", *STATISTICS_KEYS)
 # Architecture keys added after checkpoints were first written: the value every older checkpoint was made with.
-ARCHITECTURE_LEGACY = {"map_neighbourhood": 1, "map_detail_levels": [], "map_layout": False, "score_layout_map": False}
+ARCHITECTURE_LEGACY = {
+    "map_neighbourhood": 1,
+    "map_detail_levels": [],
+    "map_layout": False,
+    "score_layout_map": False,
+    "layout_grids": 1,
+}
 
 DEFAULT_INPUT = ((224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet defaults
 
@@ -118,6 +126,7 @@ RULES: dict[str, tuple[str, Any]] = {
     ),
     "map_layout": ("null, true or false", lambda v: v is None or isinstance(v, bool)),
     "score_layout_map": ("null, true or false", lambda v: v is None or isinstance(v, bool)),
+    "layout_grids": ("1 or 2 (pooling grids of the layout term)", lambda v: _is_int(v, 1) and v <= 2),
     "fine_tune_epochs": ("an integer ≥ 0 (0 = the frozen Gaussian AD)", lambda v: _is_int(v, 0)),
     "learning_rate": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "weight_decay": ("a number ≥ 0", lambda v: _is_number(v) and v >= 0),

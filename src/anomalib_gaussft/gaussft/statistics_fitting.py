@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .feature_samples import layout_vector, pooled
+from .feature_samples import pooled
 
 if TYPE_CHECKING:
     from .torch_model import Features, GaussFTModel
@@ -30,7 +30,8 @@ class StatisticsFitting:
                     samples, index = self._map_samples(int(lvl), features[int(lvl)], detail)
                     gaussian.update(samples, group_index=index)
             if self.layout_gaussian is not None:
-                self.layout_gaussian.update(layout_vector(features[self.layout_level]))
+                for gaussian, vector in zip(self.layout_gaussians(), self.layout_samples(features), strict=True):
+                    gaussian.update(vector)
 
     @torch.no_grad()
     def update_statistics(self: GaussFTModel, images: torch.Tensor, image_only: bool = False) -> Features:
@@ -58,7 +59,8 @@ class StatisticsFitting:
         if image_only:  # the anomaly-map Gaussians are not fitted: the model is not usable for inference yet
             return
         if self.layout_map is not None:
-            self.layout_map.fit(self.layout_gaussian)
+            for layout_map, gaussian in zip(self.layout_maps(), self.layout_gaussians(), strict=True):
+                layout_map.fit(gaussian)
         self.set_fitted(True)
         n_images = min(int(g.num_samples) for g in self.image_gaussians.values())
         widest = max(g.dim for g in self.image_gaussians.values())

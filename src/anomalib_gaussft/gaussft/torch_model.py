@@ -13,7 +13,7 @@ from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
-from .feature_samples import LAYOUT_GRID, layout_vector, neighbourhood_average, pooled
+from .feature_samples import LAYOUT_GRID, layout_vectors, neighbourhood_average, pooled
 from .fine_tuning_targets import FineTuningTargets
 from .gaussian import StreamingGaussian
 from .hyperparameters import ImageScore, MapGaussian
@@ -74,6 +74,8 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         score_layout_map: The image score's map term reads the averaged map plus the layout map's excess (both on
             their held-out scale) instead of the averaged map alone; ``None``: whenever there is a layout map.
         image_score: ``"local"``, ``"combined"``, ``"gaussian_ad"`` or ``"map_max"``.
+        layout_grids: Pooling grids of the layout term, each with its own Gaussian, their evidence averaged: 1 (the
+            whole map) or 2 (two grids one position apart at 224 px, :func:`feature_samples.layout_vectors`).
         sigma: Blur of the anomaly map in pixels (of the detail map: half of it).
 
     """
@@ -87,12 +89,13 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         levels: Sequence[int] | None = None,
         map_levels: Sequence[int] | None = None,
         map_gaussian: MapGaussian | str = MapGaussian.REGIONAL,
-        map_regions: int = 12,
+        map_regions: int = 10,
         map_neighbourhood: int = 3,
         map_detail_levels: Sequence[int] | None = None,
         map_layout: bool | None = None,
         score_layout_map: bool | None = None,
         image_score: ImageScore | str = ImageScore.LOCAL,
+        layout_grids: int = 2,
         sigma: float = 4.0,
     ) -> None:
         super().__init__()
@@ -126,13 +129,17 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
             {str(lvl): StreamingGaussian(self._map_groups(lvl), shapes[lvl][0]) for lvl in self.map_detail_levels}
         )
         # Layout term of the "local" and "combined" image scores: the deepest map level pooled to 3 × 3, one
-        # joint Gaussian.
+        # joint Gaussian per pooling grid (the second grid's under its own name: older checkpoints have one).
         self.layout_level = max(self.map_levels)
-        self.layout_gaussian = (
-            StreamingGaussian(1, shapes[self.layout_level][0] * LAYOUT_GRID**2) if self.normalised_score else None
-        )
+        self.layout_grids = layout_grids
+        layout_dim = shapes[self.layout_level][0] * LAYOUT_GRID**2
+        self.layout_gaussian = StreamingGaussian(1, layout_dim) if self.normalised_score else None
+        offset = self.normalised_score and layout_grids == 2
+        self.offset_layout_gaussian = StreamingGaussian(1, layout_dim) if offset else None
         # The layout term per 3 × 3 cell, added to the heatmap where it exceeds its held-out tail.
         self.layout_map = LayoutMap(shapes[self.layout_level][0]) if self._uses_layout_map(map_layout) else None
+        offset_map = self.layout_map is not None and offset
+        self.offset_layout_map = LayoutMap(shapes[self.layout_level][0]) if offset_map else None
         fused = bool(self.map_detail_levels) or self.layout_map is not None
         # Absent from checkpoints without fusion.
         self.map_fusion = MapFusion(bool(self.map_detail_levels), self.layout_map is not None) if fused else None
@@ -216,9 +223,21 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         return region_index(height, width, grid, device)
 
     def gaussians(self) -> list[StreamingGaussian]:
-        """All Gaussians of the model (image level, map level, detail map, then the layout Gaussian)."""
-        layout = [self.layout_gaussian] if self.layout_gaussian is not None else []
-        return [*self.image_gaussians.values(), *self.map_gaussians.values(), *self.detail_gaussians.values(), *layout]
+        """All Gaussians of the model (image level, map level, detail map, then the layout Gaussians)."""
+        maps = [*self.map_gaussians.values(), *self.detail_gaussians.values()]
+        return [*self.image_gaussians.values(), *maps, *self.layout_gaussians()]
+
+    def layout_gaussians(self) -> list[StreamingGaussian]:
+        """The layout term's Gaussians, one per pooling grid (none without a layout term)."""
+        return [g for g in (self.layout_gaussian, self.offset_layout_gaussian) if g is not None]
+
+    def layout_maps(self) -> list[LayoutMap]:
+        """The layout map's per-cell whitenings, one per pooling grid (none without a layout map)."""
+        return [m for m in (self.layout_map, self.offset_layout_map) if m is not None]
+
+    def layout_samples(self, features: Features) -> list[torch.Tensor]:
+        """``(N, 1, C · 9)`` layout vectors of the layout level, one per pooling grid (``layout_grids``)."""
+        return layout_vectors(features[self.layout_level], self.layout_grids)
 
     # ---- features --------------------------------------------------------------------------------
     pooled = staticmethod(pooled)
@@ -321,8 +340,15 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         """The layout map's cells upsampled and blurred to ``(N, 1, H, W)``; ``None`` without a layout map."""
         if self.layout_map is None:
             return None
-        cells = self.layout_map(layout_vector(features[self.layout_level]), self.layout_gaussian)
+        grids = zip(self.layout_maps(), self.layout_samples(features), self.layout_gaussians(), strict=True)
+        cells = torch.stack([layout_map(vector, gaussian) for layout_map, vector, gaussian in grids]).mean(dim=0)
         return self.anomaly_map_generator([cells], image_size)
+
+    def layout_distance(self, features: Features) -> torch.Tensor:
+        """``(N,)`` the layout term: the layout vector's Mahalanobis distance, averaged over the pooling grids."""
+        grids = zip(self.layout_gaussians(), self.layout_samples(features), strict=True)
+        squared = [gaussian.squared_mahalanobis(vector) for gaussian, vector in grids]
+        return torch.sqrt(torch.cat(squared, dim=1).clamp_min(0)).mean(dim=1)
 
     @property
     def normalised_score(self) -> bool:
@@ -360,12 +386,11 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         if self.layout_gaussian is None:
             msg = f"score_terms needs image_score='local' or 'combined' (this model has {self.image_score.value!r})."
             raise ValueError(msg)
-        squared = self.layout_gaussian.squared_mahalanobis(layout_vector(features[self.layout_level]))
         if self.score_layout_map and layout_map is not None:
             # The layout term's local evidence in the map term: measured +0.004 image AUROC on Magnetic Tile with
             # all images, within ±0.003 elsewhere (docs/local_evidence.md).
             averaged_map = self.map_fusion.scaled_averaged(averaged_map) + self.map_fusion.layout_excess(layout_map)
-        terms = [torch.sqrt(squared.clamp_min(0)).squeeze(1), top_fraction_mean(averaged_map)]
+        terms = [self.layout_distance(features), top_fraction_mean(averaged_map)]
         if self.image_score == ImageScore.COMBINED:
             distances = self.level_distances(features) if level_distances is None else level_distances
             terms.insert(0, distances.sum(dim=1))
