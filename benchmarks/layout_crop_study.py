@@ -63,15 +63,30 @@ def cropped_layout_vectors(rows: slice, cols: slice):
     return vectors
 
 
-def record_of(data, seed: int, frac: float) -> dict:
-    """AUROC of L and of ``z(L) + z(M')``, and pixel AUROC of the heatmap, with the layout read from each crop."""
+def local_maps_of(data, seed: int, frac: float) -> tuple:
+    """What every layout variant is fused with, on the studies' held-out split of ``seed``: ``(fit_idx, held-out
+    images, (held, test) averaged maps on their held-out scale, (held, test) maxed local maps or None without
+    masks)``."""
     fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
     held = data.train.take(held_idx)
     avg_h, avg_t = local_map(data, AVERAGED, fit_idx, held, 8, 0)
-    s_avg_h, s_avg_t = pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99)
+    s_avg = pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99)
     local = None
     if data.masks is not None:
-        local = maxed_local_maps((s_avg_h, s_avg_t), local_map(data, DETAIL, fit_idx, held, 8, 0))
+        local = maxed_local_maps(s_avg, local_map(data, DETAIL, fit_idx, held, 8, 0))
+    return fit_idx, held, s_avg, local
+
+
+def with_per_image_scores(record: dict, data, scores: dict) -> dict:
+    """``record`` with the labels and the per-image test scores of the ``L + M'`` rules (for paired intervals)."""
+    record["labels"] = np.asarray(data.labels).astype(int).tolist()
+    record["scores"] = {name: score.tolist() for name, score in scores.items() if name.startswith("L + M'")}
+    return record
+
+
+def record_of(data, seed: int, frac: float) -> dict:
+    """AUROC of L and of ``z(L) + z(M')``, and pixel AUROC of the heatmap, with the layout read from each crop."""
+    fit_idx, held, (s_avg_h, s_avg_t), local = local_maps_of(data, seed, frac)
     scores, pixels = {}, {}
     try:
         for name, (rows, cols) in CROPS.items():
@@ -88,10 +103,7 @@ def record_of(data, seed: int, frac: float) -> dict:
         layout_map_study.layout_vectors = PACKAGE_LAYOUT_VECTORS
     record = auroc_record(data, scores)
     record["results"].update(pixels)
-    # per-image scores of the score's rules, for paired intervals against the package's (no crop)
-    record["labels"] = np.asarray(data.labels).astype(int).tolist()
-    record["scores"] = {name: score.tolist() for name, score in scores.items() if name.startswith("L + M'")}
-    return record
+    return with_per_image_scores(record, data, scores)  # for paired intervals against the package's (no crop)
 
 
 def write_table(folder: Path) -> str:

@@ -30,11 +30,10 @@ import torch
 
 import conditional_map_study
 import layout_map_study
-from conditional_map_study import AVERAGED, DETAIL, fused_heatmap, local_map, maxed_local_maps
-from layout_crop_study import PACKAGE_LAYOUT_VECTORS, cropped_layout_vectors
+from conditional_map_study import fused_heatmap
+from layout_crop_study import PACKAGE_LAYOUT_VECTORS, cropped_layout_vectors, local_maps_of, with_per_image_scores
 from layout_scale_study import auroc_record, mean_std_table, run_study, seed_runs
-from local_evidence_study import auroc, held_out_split, topk_mean, zscore
-from multiscale_map_study import pixel_tail
+from local_evidence_study import auroc, topk_mean, zscore
 from results_table import paired_bootstrap
 
 CROPS = {
@@ -117,13 +116,7 @@ def mean_of(evidence: dict, crops: tuple[str, ...], key: str) -> tuple[torch.Ten
 
 def record_of(data, seed: int, frac: float) -> dict:
     """Image AUROC of L and ``z(L) + z(M')``, pixel AUROC of the r19 heatmap, for each ensemble of crops."""
-    fit_idx, held_idx = held_out_split(len(data.train), frac, seed)
-    held = data.train.take(held_idx)
-    avg_h, avg_t = local_map(data, AVERAGED, fit_idx, held, 8, 0)
-    s_avg_h, s_avg_t = pixel_tail(avg_h, avg_h, 0.99), pixel_tail(avg_h, avg_t, 0.99)
-    local = None
-    if data.masks is not None:
-        local = maxed_local_maps((s_avg_h, s_avg_t), local_map(data, DETAIL, fit_idx, held, 8, 0))
+    fit_idx, held, (s_avg_h, s_avg_t), local = local_maps_of(data, seed, frac)
     evidence = crop_evidence(data, fit_idx, held)
     scores, pixels = {}, {}
     for name, crops in ENSEMBLES.items():
@@ -137,9 +130,7 @@ def record_of(data, seed: int, frac: float) -> dict:
             pixels[f"pixel: {name}"] = auroc(data.masks.numpy(), fused_heatmap(*local, e_t).numpy())
     record = auroc_record(data, scores)
     record["results"].update(pixels)
-    record["labels"] = np.asarray(data.labels).astype(int).tolist()
-    record["scores"] = {name: score.tolist() for name, score in scores.items() if name.startswith("L + M'")}
-    return record
+    return with_per_image_scores(record, data, scores)
 
 
 def column(record: dict) -> str:

@@ -40,11 +40,14 @@ SEEDS_LABELS = {"_combined": "`image_score: combined`", "_k1": "7 × 7 regions, 
 BASELINES = ("padim", "patchcore", "dfm")
 STATS_SETS = ("magnetic_tile", "bsdata", "elpv_mono")  # where the statistics column is read, first present
 LABELS = {
-    "gaussft_default": "**GaussFT default** (fine-tuned, 12 × 12 regional maps of 3 × 3 means fused with the "
+    "gaussft_default": "**GaussFT default** (fine-tuned, 10 × 10 regional maps of 3 × 3 means fused with the "
     "unaveraged stride-8 map and the layout map's excess, weighted by what the local maps missed; local score whose "
-    "map term reads the layout map's excess)",
+    "map term reads the layout map's excess; layout on two grids one position apart)",
     "gaussft_default_frozen": "GaussFT frozen (`fine_tune_epochs: 0`, otherwise today's default)",
-    "gaussft_default_r18": "GaussFT fine-tuned, layout excess unweighted (r18, the default before)",
+    "gaussft_default_r19": "GaussFT fine-tuned, one layout grid, 12 × 12 regions (`layout_grids: 1`, "
+    "`map_regions: 12`: r19, the default before)",
+    "gaussft_default_frozen_r19": "GaussFT frozen, one layout grid, 12 × 12 regions (r19)",
+    "gaussft_default_r18": "GaussFT fine-tuned, layout excess unweighted (r18)",
     "gaussft_default_frozen_r18": "GaussFT frozen, layout excess unweighted (r18)",
     "gaussft_default_frozen_r17": "GaussFT frozen, map term without the layout excess (`score_layout_map: false`, "
     "the default before)",
