@@ -57,7 +57,7 @@ ENSEMBLES = {
     "br2 + tl2, one Gaussian": ("br2 | shared", "tl2 | shared"),
     "4 corners 2, one Gaussian": ("br2 | shared4", "tl2 | shared4", "tr2 | shared4", "bl2 | shared4"),
 }
-# the paired intervals of the table: (tag, ensemble) against the package's rule (tag n200, no crop)
+# the paired intervals of the table: (tag, ensemble) against r19's rule (tag n200, no crop)
 INTERVALS = (
     ("n200", "br1 + tl1"),
     ("n200", "4 corners 2"),
@@ -141,20 +141,22 @@ def column(record: dict) -> str:
 
 def write_table(folder: Path) -> str:
     """Markdown: image and pixel AUROC (mean ± std over seeds) and seed 0's paired 95 % intervals of some ensembles
-    (``INTERVALS``) against the package's rule (12 × 12 map regions, one grid)."""
+    (``INTERVALS``) against r19's rule (12 × 12 map regions, one grid)."""
     runs = seed_runs(folder, lambda _record, rule: rule, column)
     parts = [
         mean_std_table("image AUROC", runs, [r for r in runs if r.startswith("L")], lambda row: row),
         mean_std_table("pixel AUROC", runs, [r for r in runs if r.startswith("pixel: ")], lambda row: row[7:]),
     ]
     lines = [
-        "| seed 0, `z(L) + z(M')` − the package's (12 × 12 regions, one grid) [95 % CI] | "
+        "| seed 0, `z(L) + z(M')` − r19's (12 × 12 regions, one grid) [95 % CI] | "
         + " | ".join(f"{name} ({tag})" for tag, name in INTERVALS)
         + " |",
         "|---|" + "---:|" * len(INTERVALS),
     ]
     for path in sorted(folder.glob("n200_*_seed0.json")):
         base_record = json.loads(path.read_text())
+        if base_record["tag"] != "n200":  # n200_r10_* files match the pattern too
+            continue
         labels = np.asarray(base_record["labels"])
         base = np.asarray(base_record["scores"]["L + M', none"])
         cells = []
