@@ -9,6 +9,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from anomalib_gaussft import GaussFT
 from anomalib_gaussft.gaussft.feature_samples import layout_offset, layout_vectors
+from anomalib_gaussft.gaussft.torch_model import GaussFTModel
 from conftest import TINY_BACKBONE
 
 KWARGS = {"backbone": TINY_BACKBONE, "pre_trained": False, "image_size": 64}
@@ -77,6 +78,8 @@ def test_each_grid_has_its_own_gaussian_and_the_layout_term_is_their_mean_distan
 def test_layout_grids_other_than_one_or_two_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="layout_grids"):
         GaussFT(**KWARGS, layout_grids=3)
+    with pytest.raises(ValueError, match="layout_grids must be 1 or 2"):
+        GaussFTModel(TINY_BACKBONE, pre_trained=False, image_size=(64, 64), layout_grids=0)
     assert GaussFT(**KWARGS, image_score="gaussian_ad").model.layout_gaussians() == []
 
 

@@ -81,7 +81,7 @@ class GaussFT(HeldOutFitting, FittedModelGuards, AnomalibModule):
         layout_grids: Pooling grids of the layout term (image score and layout map), each with its own Gaussian,
             their evidence averaged: ``2`` (default): two 3 × 3 grids one feature position apart (at 224 px), so
             that no defect depends on where one grid's cell borders fall; ``1``: the whole map on one grid (the
-            default before; 3.9 MiB fewer statistics for lite0).
+            default before r20; 4.3 MiB fewer statistics for lite0).
         sigma: Anomaly-map blur in pixels (the detail map gets half of it).
         fine_tune_epochs: Fine-tuning epochs; ``0`` gives the frozen Gaussian AD.
         learning_rate: Peak AdamW learning rate of the backbone.

@@ -131,6 +131,9 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         # Layout term of the "local" and "combined" image scores: the deepest map level pooled to 3 × 3, one
         # joint Gaussian per pooling grid (the second grid's under its own name: older checkpoints have one).
         self.layout_level = max(self.map_levels)
+        if layout_grids not in (1, 2):
+            msg = f"layout_grids must be 1 or 2 (pooling grids of the layout term), got {layout_grids!r}."
+            raise ValueError(msg)
         self.layout_grids = layout_grids
         layout_dim = shapes[self.layout_level][0] * LAYOUT_GRID**2
         self.layout_gaussian = StreamingGaussian(1, layout_dim) if self.normalised_score else None
