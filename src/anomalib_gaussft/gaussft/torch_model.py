@@ -13,13 +13,14 @@ from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
 from .feature_extractor import MultiLevelFeatureExtractor
-from .feature_samples import LAYOUT_GRID, layout_vectors, neighbourhood_average, pooled
+from .feature_samples import LAYOUT_GRID, neighbourhood_average, pooled
 from .fine_tuning_targets import FineTuningTargets
 from .gaussian import StreamingGaussian
 from .hyperparameters import ImageScore, MapGaussian
 from .image_score import TERMS, ScoreNormalisation, top_fraction_mean
 from .input_checks import check_finite
 from .layout_map import LayoutMap
+from .layout_term import LayoutTerm
 from .map_fusion import MapFusion
 from .regions import region_grid, region_index
 from .statistics_fitting import StatisticsFitting
@@ -54,7 +55,7 @@ def default_detail_levels(map_levels: Sequence[int], map_neighbourhood: int) -> 
     return [min(map_levels)] if map_neighbourhood > 1 else []
 
 
-class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
+class GaussFTModel(StatisticsFitting, FineTuningTargets, LayoutTerm, DynamicBufferMixin):
     """Gaussian AD on multi-level features of a (fine-tunable) timm backbone.
 
     Args:
@@ -162,24 +163,6 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         self._fitted = False
         self.register_load_state_dict_post_hook(GaussFTModel._sync_fitted)
 
-    def _uses_layout_map(self, map_layout: bool | None) -> bool:
-        if map_layout and self.layout_gaussian is None:
-            msg = (
-                f"map_layout=True needs the layout term of image_score 'local' or 'combined' (got "
-                f"{self.image_score.value!r}); set map_layout to null or false."
-            )
-            raise ValueError(msg)
-        return self.layout_gaussian is not None if map_layout is None else bool(map_layout)
-
-    def _score_reads_layout_map(self, score_layout_map: bool | None) -> bool:
-        if score_layout_map and self.layout_map is None:
-            msg = (
-                "score_layout_map=True needs the layout map (map_layout on, image_score 'local' or 'combined'); "
-                "set score_layout_map to null or false."
-            )
-            raise ValueError(msg)
-        return self.layout_map is not None if score_layout_map is None else bool(score_layout_map)
-
     def _check_image_size(self, backbone: str) -> None:
         strides = self.feature_extractor.level_strides()
         deepest = max(self.used_levels, key=lambda lvl: strides[lvl])
@@ -229,18 +212,6 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         """All Gaussians of the model (image level, map level, detail map, then the layout Gaussians)."""
         maps = [*self.map_gaussians.values(), *self.detail_gaussians.values()]
         return [*self.image_gaussians.values(), *maps, *self.layout_gaussians()]
-
-    def layout_gaussians(self) -> list[StreamingGaussian]:
-        """The layout term's Gaussians, one per pooling grid (none without a layout term)."""
-        return [g for g in (self.layout_gaussian, self.offset_layout_gaussian) if g is not None]
-
-    def layout_maps(self) -> list[LayoutMap]:
-        """The layout map's per-cell whitenings, one per pooling grid (none without a layout map)."""
-        return [m for m in (self.layout_map, self.offset_layout_map) if m is not None]
-
-    def layout_samples(self, features: Features) -> list[torch.Tensor]:
-        """``(N, 1, C · 9)`` layout vectors of the layout level, one per pooling grid (``layout_grids``)."""
-        return layout_vectors(features[self.layout_level], self.layout_grids)
 
     # ---- features --------------------------------------------------------------------------------
     pooled = staticmethod(pooled)
@@ -338,20 +309,6 @@ class GaussFTModel(StatisticsFitting, FineTuningTargets, DynamicBufferMixin):
         """The maps fused with the averaged one, ``(detail, layout)`` ``(N, 1, H, W)``; ``None`` where absent."""
         detail = self.detail_map(features, image_size) if self.detail_map_generator is not None else None
         return detail, self.upsampled_layout_map(features, image_size)
-
-    def upsampled_layout_map(self, features: Features, image_size: tuple[int, int] | torch.Size) -> torch.Tensor | None:
-        """The layout map's cells upsampled and blurred to ``(N, 1, H, W)``; ``None`` without a layout map."""
-        if self.layout_map is None:
-            return None
-        grids = zip(self.layout_maps(), self.layout_samples(features), self.layout_gaussians(), strict=True)
-        cells = torch.stack([layout_map(vector, gaussian) for layout_map, vector, gaussian in grids]).mean(dim=0)
-        return self.anomaly_map_generator([cells], image_size)
-
-    def layout_distance(self, features: Features) -> torch.Tensor:
-        """``(N,)`` the layout term: the layout vector's Mahalanobis distance, averaged over the pooling grids."""
-        grids = zip(self.layout_gaussians(), self.layout_samples(features), strict=True)
-        squared = [gaussian.squared_mahalanobis(vector) for gaussian, vector in grids]
-        return torch.sqrt(torch.cat(squared, dim=1).clamp_min(0)).mean(dim=1)
 
     @property
     def normalised_score(self) -> bool:
