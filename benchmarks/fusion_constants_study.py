@@ -19,17 +19,25 @@ Estimators of the constants, per held-out draw (``seed``):
 * ``kfold_layout``: only the layout map's moments and the layout term's z-score out of fold over every training
   image (kept layout vectors suffice: no second pass through the backbone), the rest as ``pooled``.
 
+``--train-images N``: each draw first takes a random subset of N cached training images (``seed`` draws it, as in
+``small_training_set_study.py``), so the held-out fold is N/5 images; test images are then scored by the Gaussians
+refitted on that subset.
+
 Reported per set over ``--seeds`` draws: pixel AUROC of the default heatmap and image AUROC of ``z(L) + z(M')``
 (mean, std and worst draw), and the averaged map's scale. Test images are scored by the Gaussians refitted on all
 training images (the same for every draw), as in the other layout studies.
 
     PYTHONPATH=src:benchmarks python benchmarks/fusion_constants_study.py --tag n200 --seeds 0,1,2,3,4,5,6,7,8,9 \
         --out docs/local_evidence/fusion_constants
+    PYTHONPATH=src:benchmarks python benchmarks/fusion_constants_study.py --tag n50 --train-images 50 \
+        --seeds 0,1,2,3,4,5,6,7,8,9 --out docs/local_evidence/fusion_constants
     python benchmarks/fusion_constants_study.py --table docs/local_evidence/fusion_constants
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +51,7 @@ from local_evidence_study import auroc, fit_units, full_map, topk_mean, unit_map
 FOLDS = 5  # one fold is the package's held-out 20 %
 ESTIMATORS = ("pooled", "per_image", "kfold", "kfold_per_image", "kfold_layout")
 BLUR = {"averaged": 4.0, "detail": 2.0}  # the package's blur of each map (the detail map: σ / 2)
+TRAIN_IMAGES: int | None = None  # --train-images: a random subset per draw (None: every cached training image)
 
 
 def folds_of(n: int, seed: int) -> list[np.ndarray]:
@@ -74,7 +83,9 @@ _TEST_MAPS: dict[str, dict[str, torch.Tensor]] = {}  # per loaded set: the same 
 
 
 def test_maps(data) -> dict[str, torch.Tensor]:
-    """The test images scored by Gaussians fitted on all training images (cached per set)."""
+    """The test images scored by Gaussians fitted on all training images (cached per set; not for subsets)."""
+    if TRAIN_IMAGES is not None:
+        return scored(data, np.arange(len(data.train)), data.test)
     if data.name not in _TEST_MAPS:
         _TEST_MAPS.clear()  # one set at a time
         _TEST_MAPS[data.name] = scored(data, np.arange(len(data.train)), data.test)
@@ -129,6 +140,9 @@ def record_of(data, seed: int, frac: float) -> dict:
     if frac != 0.2:
         msg = "this study's folds hold out 20 % each"
         raise ValueError(msg)
+    if TRAIN_IMAGES is not None:
+        subset = np.random.default_rng(seed).permutation(len(data.train))[: min(TRAIN_IMAGES, len(data.train))]
+        data = dataclasses.replace(data, train=data.train.take(np.sort(subset)))
     folds = [out_of_fold(data, fold) for fold in folds_of(len(data.train), seed)]
     every = {key: torch.cat([f[key] for f in folds]) for key in folds[0]}
     test = test_maps(data)
@@ -144,12 +158,15 @@ def record_of(data, seed: int, frac: float) -> dict:
         results[f"{estimator}: image"] = auroc(labels, score.numpy())
         if masks is not None:
             results[f"{estimator}: pixel"] = auroc(masks, heatmap.numpy())
-    return {"results": results, "averaged_scale": scales}
+    return {"results": results, "averaged_scale": scales, "train_images": len(data.train)}
 
 
 def write_table(folder: Path) -> str:
-    """Markdown: per measure, one row per estimator, mean ± std over the draws per set; then the worst draw."""
-    runs = seed_runs(folder, lambda _record, rule: rule, lambda r: f"{r['dataset']} ({r['n_train']})")
+    """Markdown: per measure, one row per estimator, mean ± std over the draws per set; then the worst draw, and the
+    paired difference to ``pooled``."""
+    runs = seed_runs(
+        folder, lambda _record, rule: rule, lambda r: f"{r['dataset']} ({r.get('train_images', r['n_train'])})"
+    )
     parts = []
     for measure in ("pixel", "image"):
         rows = [f"{e}: {measure}" for e in ESTIMATORS]
@@ -160,11 +177,34 @@ def write_table(folder: Path) -> str:
             cells = [f"{min(runs[row][c]):.3f}" if c in runs.get(row, {}) else "–" for c in columns]
             lines.append(f"| {row.split(':')[0]} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
+        parts.append(paired_difference_table(runs, measure, columns))
     return "\n\n".join(parts) + "\n"
 
 
+def paired_difference_table(runs: dict[str, dict[str, list[float]]], measure: str, columns: list[str]) -> str:
+    """Markdown: each estimator minus ``pooled`` on the same draw, mean ± std over draws (and the lowest)."""
+    base = runs.get(f"pooled: {measure}", {})
+    lines = [f"| − pooled, same draw, {measure} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for estimator in ESTIMATORS[1:]:
+        cells = []
+        for column in columns:
+            values = runs.get(f"{estimator}: {measure}", {}).get(column)
+            if not values or len(values) != len(base.get(column, [])):
+                cells.append("–")
+                continue
+            diff = np.asarray(values) - np.asarray(base[column])
+            cells.append(f"{diff.mean():+.3f} ± {diff.std():.3f} ({diff.min():+.3f})")
+        lines.append(f"| {estimator} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_study(argv, __doc__, "docs/local_evidence/fusion_constants", record_of, write_table)
+    global TRAIN_IMAGES  # record_of's signature is run_study's: the subset size travels as a module setting
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--train-images", type=int, default=None)
+    known, rest = parser.parse_known_args(argv)
+    TRAIN_IMAGES = known.train_images
+    return run_study(rest, __doc__, "docs/local_evidence/fusion_constants", record_of, write_table)
 
 
 if __name__ == "__main__":
