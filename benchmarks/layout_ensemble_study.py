@@ -114,20 +114,29 @@ def mean_of(evidence: dict, crops: tuple[str, ...], key: str) -> tuple[torch.Ten
     return tuple(torch.stack([evidence[c][key][i] for c in crops]).mean(0) for i in (0, 1))
 
 
+def add_layout_variant(
+    name: str, data, s_avg: tuple, local: tuple | None, layout_maps: tuple, distances: tuple, scores: dict, pixels: dict
+) -> None:
+    """Add one layout variant's test scores (``L``, ``z(L) + z(M')``) to ``scores`` and its heatmap's pixel AUROC to
+    ``pixels``; each tuple is ``(held-out, test)``: the averaged maps, the raw layout maps and the distances L."""
+    (s_avg_h, s_avg_t), (map_h, map_t), (l_h, l_t) = s_avg, layout_maps, distances
+    tail = layout_map_study.gaussian_tail
+    e_h, e_t = (tail(map_h, map_h) - 1).relu(), (tail(map_h, map_t) - 1).relu()
+    m_h, m_t = topk_mean(s_avg_h + e_h, 0.01), topk_mean(s_avg_t + e_t, 0.01)
+    scores[f"L, {name}"] = l_t
+    scores[f"L + M', {name}"] = zscore(l_t, l_h) + zscore(m_t, m_h)
+    if local is not None:
+        pixels[f"pixel: {name}"] = auroc(data.masks.numpy(), fused_heatmap(*local, e_t).numpy())
+
+
 def record_of(data, seed: int, frac: float) -> dict:
     """Image AUROC of L and ``z(L) + z(M')``, pixel AUROC of the r19 heatmap, for each ensemble of crops."""
     fit_idx, held, (s_avg_h, s_avg_t), local = local_maps_of(data, seed, frac)
     evidence = crop_evidence(data, fit_idx, held)
     scores, pixels = {}, {}
     for name, crops in ENSEMBLES.items():
-        (map_h, map_t), (l_h, l_t) = mean_of(evidence, crops, "map"), mean_of(evidence, crops, "distance")
-        tail = layout_map_study.gaussian_tail
-        e_h, e_t = (tail(map_h, map_h) - 1).relu(), (tail(map_h, map_t) - 1).relu()
-        m_h, m_t = topk_mean(s_avg_h + e_h, 0.01), topk_mean(s_avg_t + e_t, 0.01)
-        scores[f"L, {name}"] = l_t
-        scores[f"L + M', {name}"] = zscore(l_t, l_h) + zscore(m_t, m_h)
-        if local is not None:
-            pixels[f"pixel: {name}"] = auroc(data.masks.numpy(), fused_heatmap(*local, e_t).numpy())
+        layout_maps, distances = mean_of(evidence, crops, "map"), mean_of(evidence, crops, "distance")
+        add_layout_variant(name, data, (s_avg_h, s_avg_t), local, layout_maps, distances, scores, pixels)
     record = auroc_record(data, scores)
     record["results"].update(pixels)
     return with_per_image_scores(record, data, scores)

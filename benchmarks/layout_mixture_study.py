@@ -37,11 +37,10 @@ from sklearn.cluster import KMeans
 import conditional_map_study
 import layout_map_study
 from anomalib_gaussft.gaussft.gaussian import StreamingGaussian
-from conditional_map_study import fused_heatmap
 from layout_crop_study import cropped_layout_vectors, local_maps_of, with_per_image_scores
-from layout_ensemble_study import CROPS
+from layout_ensemble_study import CROPS, add_layout_variant
 from layout_scale_study import auroc_record, mean_std_table, run_study, seed_runs
-from local_evidence_study import auroc, chunks, topk_mean, zscore
+from local_evidence_study import chunks
 from results_table import paired_bootstrap
 
 GRIDS = ("br1", "tl1")  # the package's two layout grids (r20)
@@ -133,15 +132,9 @@ def record_of(data, seed: int, frac: float) -> dict:
     variants["auto, min"] = [per_grid[(best_k[g], "min")][i] for i, g in enumerate(GRIDS)]
     scores, pixels = {}, {}
     for name, grids in variants.items():
-        l_h, l_t = (torch.stack([g[0][i] for g in grids]).mean(0) for i in (0, 1))
-        map_h, map_t = (torch.stack([g[1][i] for g in grids]).mean(0) for i in (0, 1))
-        tail = layout_map_study.gaussian_tail
-        e_h, e_t = (tail(map_h, map_h) - 1).relu(), (tail(map_h, map_t) - 1).relu()
-        m_h, m_t = topk_mean(s_avg_h + e_h, 0.01), topk_mean(s_avg_t + e_t, 0.01)
-        scores[f"L, {name}"] = l_t
-        scores[f"L + M', {name}"] = zscore(l_t, l_h) + zscore(m_t, m_h)
-        if local is not None:
-            pixels[f"pixel: {name}"] = auroc(data.masks.numpy(), fused_heatmap(*local, e_t).numpy())
+        distances = tuple(torch.stack([g[0][i] for g in grids]).mean(0) for i in (0, 1))
+        layout_maps = tuple(torch.stack([g[1][i] for g in grids]).mean(0) for i in (0, 1))
+        add_layout_variant(name, data, (s_avg_h, s_avg_t), local, layout_maps, distances, scores, pixels)
     record = auroc_record(data, scores)
     record["results"].update(pixels)
     record["auto_k"] = best_k
