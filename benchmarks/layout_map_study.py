@@ -67,21 +67,28 @@ def fit_layout(train, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cell_maps(split, mean: torch.Tensor, covariance: torch.Tensor, mode: str) -> torch.Tensor:
     """``(N, 3, 3)`` per-cell ``sqrt(d²/C)`` of every image (``cond`` or ``marg``)."""
+    whitening = cell_whitenings(covariance, mode)
+    out = [cell_distances(layout_vectors(split, sl) - mean, whitening, mode) for sl in chunks(len(split), 64)]
+    return torch.cat(out).float()
+
+
+def cell_whitenings(covariance: torch.Tensor, mode: str) -> tuple[torch.Tensor, list, list]:
+    """``(precision, cell indices, per-cell inner matrices)``: the conditional (``cond``: ``(P_jj)⁻¹``) or marginal
+    (``marg``: ``(Σ_jj)⁻¹``) whitening of each of the layout vector's cells."""
     dim = covariance.shape[0]
-    channels = dim // (GRID * GRID)
     cells = [torch.arange(j, dim, GRID * GRID) for j in range(GRID * GRID)]
     precision = torch.linalg.inv(covariance)
-    if mode == "cond":
-        inner = [torch.linalg.inv(precision[c][:, c]) for c in cells]
-    else:
-        inner = [torch.linalg.inv(covariance[c][:, c]) for c in cells]
-    out = []
-    for sl in chunks(len(split), 64):
-        centred = layout_vectors(split, sl) - mean
-        vec = centred @ precision if mode == "cond" else centred  # g = P (x − μ), P symmetric
-        scores = [((vec[:, c] @ m) * vec[:, c]).sum(1) for c, m in zip(cells, inner, strict=True)]
-        out.append(torch.sqrt(torch.stack(scores, 1).clamp_min(0) / channels).reshape(-1, GRID, GRID))
-    return torch.cat(out).float()
+    source = precision if mode == "cond" else covariance
+    return precision, cells, [torch.linalg.inv(source[c][:, c]) for c in cells]
+
+
+def cell_distances(centred: torch.Tensor, whitening: tuple, mode: str) -> torch.Tensor:
+    """``(n, 3, 3)`` per-cell ``sqrt(d²/C)`` of layout vectors minus their mean, under :func:`cell_whitenings`."""
+    precision, cells, inner = whitening
+    vec = centred @ precision if mode == "cond" else centred  # g = P (x − μ), P symmetric
+    scores = [((vec[:, c] @ m) * vec[:, c]).sum(1) for c, m in zip(cells, inner, strict=True)]
+    channels = centred.shape[1] // (GRID * GRID)
+    return torch.sqrt(torch.stack(scores, 1).clamp_min(0) / channels).reshape(-1, GRID, GRID)
 
 
 def to_image(cells: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:

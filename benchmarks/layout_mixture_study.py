@@ -90,14 +90,9 @@ class LayoutMixture:
 
 def cell_maps(vectors: torch.Tensor, mixture: LayoutMixture) -> torch.Tensor:
     """``(N, 3, 3)`` per-cell conditional distances against each image's nearest cluster mean (package's map)."""
-    grid = layout_map_study.GRID
-    dim = vectors.shape[1]
-    cells = [torch.arange(j, dim, grid * grid) for j in range(grid * grid)]
-    inner = [torch.linalg.inv(mixture.precision[c][:, c]) for c in cells]
-    g = (vectors - mixture.nearest_means(vectors)) @ mixture.precision
-    scores = [((g[:, c] @ m) * g[:, c]).sum(1) for c, m in zip(cells, inner, strict=True)]
-    cells_d2 = torch.stack(scores, 1).clamp_min(0) / (dim // (grid * grid))
-    return cells_d2.sqrt().reshape(-1, grid, grid).float()
+    whitening = layout_map_study.cell_whitenings(mixture.covariance, "cond")
+    centred = vectors - mixture.nearest_means(vectors)
+    return layout_map_study.cell_distances(centred, whitening, "cond").float()
 
 
 def grid_vectors(data, grid: str) -> dict[str, torch.Tensor]:
