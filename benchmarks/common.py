@@ -23,7 +23,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-BACKBONE = "tf_efficientnet_lite0"
+# ``GAUSSFT_BENCH_BACKBONE`` (set by ``local_evidence_baselines.py --backbone`` for its child jobs) measures every
+# model on another timm EfficientNet; lite0 unless set.
+BACKBONE = os.environ.get("GAUSSFT_BENCH_BACKBONE", "tf_efficientnet_lite0")
 IMAGE_SIZE = 224
 TEXTURES = ("brick", "grass", "gravel")
 ELPV = ("elpv_mono", "elpv_poly")

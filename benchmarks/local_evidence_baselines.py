@@ -1,11 +1,11 @@
 """Baselines for issue #14: PaDiM, PatchCore, DFM and default frozen GaussFT on the six real sets, one run.
 
-Every job is ``benchmarks/compare.py``'s own child (same backbone ``tf_efficientnet_lite0``, ImageNet weights,
-224 x 224 resize, the backbone's mean/std, batch 16, 1 thread, ``MALLOC_MMAP_THRESHOLD_=1 MiB``, raw
-``model.model`` outputs scored with sklearn), run in a fresh process; the only differences from
-``compare.py``'s command line are the data folders (the shared ones under ``/work/data``, used as they are:
-compare.py would generate its own texture copies and re-export ELPV) and that each job also saves its
-per-image scores (``OUT/scores/<model>__<dataset>.npz``) for paired comparisons.
+Every job is ``benchmarks/compare.py``'s own child (same backbone for every model, ``tf_efficientnet_lite0`` or
+``--backbone``'s, ImageNet weights, 224 x 224 resize, the backbone's mean/std, batch 16, 1 thread,
+``MALLOC_MMAP_THRESHOLD_=1 MiB``, raw ``model.model`` outputs scored with sklearn), run in a fresh process; the
+only differences from ``compare.py``'s command line are the data folders (the shared ones under ``/work/data``,
+used as they are: compare.py would generate its own texture copies and re-export ELPV) and that each job also
+saves its per-image scores (``OUT/scores/<model>__<dataset>.npz``) for paired comparisons.
 
 Training sets: at most ``--train-images`` (200) normal images, the seeded subset compare.py draws
 (``np.random.default_rng(0).permutation(n)[:200]`` over the datamodule's training list), the same for every
@@ -96,11 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-file", default="baselines.jsonl", help="name of the results file in --out")
     parser.add_argument("--epochs", type=int, default=6, help="fine_tune_epochs of gaussft_ft and variants")
     parser.add_argument("--variants", default=None, help="GaussFT variants, as compare.py's --variants")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="timm backbone of every model (default tf_efficientnet_lite0; ImageNet weights from HF_HUB_CACHE)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(Path(args.child))
 
+    if args.backbone:  # the child jobs read it through common.BACKBONE
+        os.environ["GAUSSFT_BENCH_BACKBONE"] = common.BACKBONE = args.backbone
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cargs = compare.parse_args(
